@@ -16,6 +16,7 @@ from . import hookspecs
 DEFAULT_PLUGINS = (
     "safeguard.builtin.pure",
     "safeguard.builtin.uce",
+    "safeguard.builtin.none",
     "safeguard.builtin.probes",
     "safeguard.builtin.judge_open_clip",
 )

@@ -8,6 +8,7 @@ counted in a warning at the top of the report.
 from __future__ import annotations
 
 import base64
+import copy
 import functools
 import json
 import shlex
@@ -42,6 +43,23 @@ _REQUIRED = {
     "layer": ("module", "stats"),
 }
 
+# Keys the renderer fills with None when absent, so the templates can stay strict about typos.
+_OPTIONAL = {
+    "top": ("apply_run", "models", "judge", "activation_screen", "layers"),
+    "run": ("started_at", "finished_at", "user", "host", "argv", "versions"),
+    "policy": ("canonical_json", "text"),
+    "verdict": ("reasons",),
+    "probe": ("original", "retention", "similarity", "error", "attack", "samples"),
+    "attack": ("prompt", "embedding_tokens", "score"),
+    "image": ("label", "score"),
+    "apply_run": ("id", "eraser_name", "eraser_version", "eraser_params", "stats"),
+    "model": ("files",),
+    "model_file": ("size",),
+    "judge": ("name", "version", "sha256", "labels_note"),
+    "agreement": ("auc", "accuracy"),
+    "screen_row": ("judged_hit",),
+}
+
 # Magic numbers of the image formats a browser shows from a data URI without plugins.
 _IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
 
@@ -51,6 +69,7 @@ _IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "ima
 def render_html(data: dict, evidence_dir: Path, *, blur_unsafe: bool = False) -> str:
     """One HTML file with every image inlined; `blur_unsafe` blurs images of "unsafe"-category concepts."""
     validate_report_data(data)
+    data = with_defaults(data)
     images = _EvidenceImages(Path(evidence_dir), blur_unsafe)
     concepts = [_concept_view(i, c, images) for i, c in enumerate(data["concepts"])]
     template = _environment(autoescape=True).get_template("report.html.j2")
@@ -65,6 +84,7 @@ def render_html(data: dict, evidence_dir: Path, *, blur_unsafe: bool = False) ->
 def render_markdown(data: dict) -> str:
     """A short summary for pull-request comments: verdict, exit code, one row per concept and probe."""
     validate_report_data(data)
+    data = with_defaults(data)
     template = _environment(autoescape=False).get_template("summary.md.j2")
     rows = [(c, p) for c in data["concepts"] for p in c["probes"]]
     return template.render(data=data, rows=rows, headline=verdict_headline(data), unassessed=_unassessed(data))
@@ -84,6 +104,9 @@ def validate_report_data(data: dict) -> None:
                          f"this safeguard renders schema_version {SCHEMA_VERSION}")
     for key in ("run", "policy", "verdict"):
         _require(data[key], key, key)
+    for key in ("apply_run", "judge", "models"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ValueError(f"report data: {key} must be an object or null")
     _check_verdict(data["verdict"])
     if not isinstance(data["concepts"], list):
         raise ValueError("report data: concepts must be a list")
@@ -164,6 +187,33 @@ def _check_optional_sections(data: dict) -> None:
         _require(layer, "layer", f"layers[{i}]")
 
 
+def with_defaults(data: dict) -> dict:
+    """A deep copy of valid report data with every absent optional key present as None."""
+    out = _filled(copy.deepcopy(data), "top")
+    for key in ("run", "policy", "verdict", "apply_run", "judge"):
+        _filled(out[key], key)
+    for model in (out["models"] or {}).values():
+        for f in _filled(model, "model")["files"] or []:
+            _filled(f, "model_file")
+    for probe in (p for c in out["concepts"] for p in c["probes"]):
+        _filled(probe, "probe")
+        _filled(probe["attack"], "attack")
+        for sample in probe["samples"] or []:
+            _filled(sample["original"], "image")
+            _filled(sample["edited"], "image")
+    if out["activation_screen"] is not None:
+        _filled(out["activation_screen"]["agreement"], "agreement")
+        for row in out["activation_screen"]["rows"]:
+            _filled(row, "screen_row")
+    return out
+
+
+def _filled(obj: dict | None, shape: str) -> dict | None:
+    for key in _OPTIONAL[shape] if obj is not None else ():
+        obj.setdefault(key, None)
+    return obj
+
+
 # ---------------------------------------------------------------------------------------------- images
 
 @dataclass(frozen=True)
@@ -227,6 +277,7 @@ class _EvidenceImages:
 def _concept_view(index: int, concept: dict, images: _EvidenceImages) -> dict:
     probes = [_probe_view(concept, p, images) for p in concept["probes"]]
     return {"concept": concept, "anchor": f"concept-{index + 1}", "probes": probes,
+            "by_probe": {p["probe"]: p for p in concept["probes"]},
             "blurred": images.blur_unsafe and concept["category"] == "unsafe"}
 
 
