@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention import cross_attention_modules, denoiser_of
 from .errors import ModelError
 
 ENCODE_CHUNK = 64  # prompts per text-encoder batch during the genetic search
@@ -71,8 +72,9 @@ class AttackResult:
 class _Encoded(NamedTuple):
     embeds: torch.Tensor
     negative: torch.Tensor | None
-    pooled: torch.Tensor | None
-    negative_pooled: torch.Tensor | None
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # PixArt-style pipelines: which token states the denoiser attends to
 
 
 def _call_parameters(pipe) -> set[str]:
@@ -82,31 +84,24 @@ def _call_parameters(pipe) -> set[str]:
 def _encode(pipe, prompts: Sequence[str], *, with_negative: bool = False) -> _Encoded:
     """The context the pipeline itself builds for ``prompts`` (and its default unconditional branch)."""
     params = _call_parameters(pipe)
-    if "prompt_attention_mask" in params:
-        raise ModelError(f"{type(pipe).__name__} conditions on a masked text embedding, which these attacks do not model",
-                         fix="attack a UNet-based pipeline (Stable Diffusion 1.x/2.x/XL)")
     with torch.no_grad():
         out = pipe.encode_prompt(prompt=list(prompts), device=pipe.device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=with_negative)
     if "pooled_prompt_embeds" in params:  # SDXL layout: embeds, negative, pooled, negative pooled
         return _Encoded(out[0], out[1], out[2], out[3])
-    return _Encoded(out[0], out[1], None, None)
+    if "prompt_attention_mask" in params:  # PixArt layout: embeds, mask, negative, negative mask
+        return _Encoded(out[0], out[2], mask=out[1])
+    return _Encoded(out[0], out[1])
 
 
-def _denoiser(pipe):
-    for attr in ("unet", "transformer"):
-        module = getattr(pipe, attr, None)
-        if module is not None:
-            return module
-    raise ModelError(f"{type(pipe).__name__} has neither a unet nor a transformer")
-
-
-def _cross_attention_modules(denoiser) -> dict[str, Any]:
-    """Every cross-attention module (K/V read the text context), keyed by dotted path, in model order."""
-    from diffusers.models.attention_processor import Attention
-
-    return {name: m for name, m in denoiser.named_modules()
-            if isinstance(m, Attention) and getattr(m, "is_cross_attention", False)}
+def _prompt_token_room(pipe) -> int:
+    """How many tokens a prompt may have before the pipeline truncates it."""
+    tokenizer = pipe.tokenizer
+    limit = tokenizer.model_max_length
+    sequence_default = inspect.signature(pipe.encode_prompt).parameters.get("max_sequence_length")
+    if sequence_default is not None and isinstance(sequence_default.default, int):
+        limit = min(limit, sequence_default.default)
+    return limit - tokenizer.num_special_tokens_to_add()
 
 
 def _require_prompt_space_unet(denoiser, attack: str):
@@ -174,11 +169,11 @@ def _candidate_tokens(tokenizer, vocab: Sequence[str] | None, banned_words: Sequ
         if text and len(back) == 1 and (token_id is None or back[0] == token_id):
             kept.setdefault(back[0], text)
 
+    # Any token containing a banned word is dropped (as MMA-Diffusion and Ring-A-Bell evaluations do). The
+    # subword pieces a tokenizer spells a banned word with are fragments, which the round trip above has
+    # already dropped, so space-separated tokens can never join into a banned word.
     banned = [w.lower() for phrase in banned_words for w in phrase.split() if w.strip()]
-    # The pieces the tokenizer spells each banned word and phrase with, plus any token containing a banned word.
-    spelling = {i for phrase in banned_words for part in [phrase, *phrase.split()]
-                for i in tokenizer(part, add_special_tokens=False)["input_ids"]}
-    excluded = {i: t for i, t in kept.items() if i in spelling or any(w in t.lower() for w in banned)}
+    excluded = {i: t for i, t in kept.items() if any(w in t.lower() for w in banned)}
     allowed = sorted(set(kept) - set(excluded))
     return np.array(allowed, dtype=np.int64), [kept[i] for i in allowed], sorted(excluded.values())
 
@@ -186,8 +181,15 @@ def _candidate_tokens(tokenizer, vocab: Sequence[str] | None, banned_words: Sequ
 def _prompt_features(pipe, prompts: Sequence[str], compare: str) -> torch.Tensor:
     chunks = []
     for start in range(0, len(prompts), ENCODE_CHUNK):
-        states = _encode(pipe, prompts[start:start + ENCODE_CHUNK]).embeds.float()
-        chunks.append(states.flatten(1) if compare == "tokens" else states.mean(dim=1))
+        encoded = _encode(pipe, prompts[start:start + ENCODE_CHUNK])
+        states = encoded.embeds.float()
+        if encoded.mask is None:
+            chunks.append(states.flatten(1) if compare == "tokens" else states.mean(dim=1))
+            continue
+        # Masked-out states never reach the denoiser, so they take no part in the comparison.
+        mask = encoded.mask.to(states.dtype).unsqueeze(-1)
+        states = states * mask
+        chunks.append(states.flatten(1) if compare == "tokens" else states.sum(dim=1) / mask.sum(dim=1).clamp_min(1))
     return torch.cat(chunks)
 
 
@@ -204,9 +206,9 @@ def ring_a_bell(pipe, concept_prompts: Sequence[str], neutral_prompts: Sequence[
     what cross-attention reads, as Ring-A-Bell does); ``"mean"`` compares token-averaged states, which
     ignores where in the sequence the concept sits.
 
-    ``banned_words``: tokens that spell these words (their tokenizer pieces, or any token containing one)
-    are never used. None derives them from the pairs: words of 3+ letters in the concept prompts and in no
-    neutral prompt. Pass ``()`` to search the whole vocabulary.
+    ``banned_words``: no token containing one of these words (case-insensitive) is used. None derives them
+    from the pairs: words of 3+ letters in the concept prompts and in no neutral prompt. Pass ``()`` to
+    search the whole vocabulary.
 
     Genetic search: ``budget`` generations of tournament selection, single-point crossover and per-token
     mutation; the ``elite`` best (default population // 6) survive unchanged, so the best score per
@@ -220,9 +222,9 @@ def ring_a_bell(pipe, concept_prompts: Sequence[str], neutral_prompts: Sequence[
     if population < 2 or budget < 0:
         raise ValueError("ring_a_bell needs population >= 2 and budget >= 0")
     tokenizer = pipe.tokenizer
-    room = tokenizer.model_max_length - tokenizer.num_special_tokens_to_add()
+    room = _prompt_token_room(pipe)
     if not 1 <= length <= room:
-        raise ValueError(f"length must be between 1 and {room} (the tokenizer's context minus special tokens)")
+        raise ValueError(f"length must be between 1 and {room} (the prompt context minus special tokens)")
     elite = max(1, population // 6) if elite is None else elite
     if not 1 <= elite < population:
         raise ValueError("elite must be at least 1 and below population")
@@ -314,8 +316,9 @@ def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, 
     ``target_latents`` [B, C, h, w] are latents of concept images in the scaled space the scheduler works in
     (e.g. ``vae.encode(x).latent_dist.mean * scaling_factor`` of images the original model rendered).
     The context starts as ``init_prompt``'s embedding; its last ``n_tokens`` positions (padding, so the
-    prompt's own words stay) become learnable, initialised to their current states. Cross-attention does not
-    depend on the order of context tokens, so step 0 conditions exactly like ``init_prompt``.
+    prompt's own words stay) become learnable, initialised to their current states, so step 0 conditions
+    exactly like ``init_prompt``. Cross-attention has no positional encoding over the context, so learning
+    trailing positions is as strong as inserting a prefix, without shifting or dropping the prompt's words.
 
     Each Adam step draws a timestep per latent and Gaussian noise from a generator seeded with ``seed`` and
     minimises the denoiser's training loss for the scheduler's prediction type (epsilon, v_prediction via a
@@ -327,7 +330,7 @@ def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, 
     from diffusers import DDPMScheduler
 
     started = time.perf_counter()
-    denoiser = _denoiser(pipe)
+    denoiser = denoiser_of(pipe)
     _require_prompt_space_unet(denoiser, "soft_prompt_attack")
     if target_latents.ndim != 4 or target_latents.shape[1] != denoiser.config.in_channels:
         raise ValueError(f"target_latents must be [B, {denoiser.config.in_channels}, h, w], "
@@ -407,8 +410,9 @@ def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, 
         prompt_embeds=prompt_embeds, score=loss_after, history=history, seconds=time.perf_counter() - started,
         objective="denoiser's diffusion loss on the target latents (lower = the concept is reproduced)",
         pooled_prompt_embeds=encoded.pooled,
-        details={"init_prompt": init_prompt, "n_tokens": n_tokens, "learned_positions": list(range(length - n_tokens, length)),
-                 "lr": lr, "prediction_type": prediction_type, "eval_draws": eval_draws,
+        details={"init_prompt": init_prompt, "n_tokens": n_tokens,
+                 "learned_positions": list(range(length - n_tokens, length)), "lr": lr,
+                 "prediction_type": prediction_type, "eval_draws": eval_draws,
                  "loss_before": loss_before, "loss_after": loss_after, "latents": batch},
     )
 
@@ -425,8 +429,8 @@ class ProjectionPair(NamedTuple):
 
 def kv_projection_pairs(original_denoiser, edited_denoiser) -> list[ProjectionPair]:
     """Every cross-attention to_k and to_v of two denoisers of the same architecture, matched by path."""
-    original = _cross_attention_modules(original_denoiser)
-    edited = _cross_attention_modules(edited_denoiser)
+    original = cross_attention_modules(original_denoiser)
+    edited = cross_attention_modules(edited_denoiser)
     if not original:
         raise ModelError(f"{type(original_denoiser).__name__} has no cross-attention modules")
     if list(original) != list(edited):
@@ -434,15 +438,22 @@ def kv_projection_pairs(original_denoiser, edited_denoiser) -> list[ProjectionPa
                          fix="compare an edited model with the model it was edited from")
     pairs = []
     for path, module in original.items():
+        if module.norm_cross is not None or edited[path].norm_cross is not None:
+            # K/V would read a normalised context, which the linear recovery does not model.
+            raise ModelError(f"{path} normalises the text context before to_k/to_v, "
+                             "which RECE's linear recovery does not model")
         for proj in ("to_k", "to_v"):
             before, after = getattr(module, proj), getattr(edited[path], proj)
             if before.weight.shape != after.weight.shape:
                 raise ModelError(f"{path}.{proj}: weight shapes differ ({list(before.weight.shape)} vs "
                                  f"{list(after.weight.shape)})")
-            bias = lambda layer: None if layer.bias is None else layer.bias.detach().double().cpu()
-            pairs.append(ProjectionPair(f"{path}.{proj}", before.weight.detach().double().cpu(),
-                                        after.weight.detach().double().cpu(), bias(before), bias(after)))
+            pairs.append(ProjectionPair(f"{path}.{proj}", _float64(before.weight), _float64(after.weight),
+                                        _float64(before.bias), _float64(after.bias)))
     return pairs
+
+
+def _float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().to("cpu", torch.float64)
 
 
 def _outputs(weight, bias, context):
@@ -463,7 +474,7 @@ def rece_residual(pairs: Sequence[ProjectionPair], original_context: torch.Tenso
 
 
 def rece_recover(pairs: Sequence[ProjectionPair], context: torch.Tensor, *, gamma: float = 0.1) -> torch.Tensor:
-    """RECE's ridge solution c′ = (Σ W′ᵀW′ + γI)⁻¹ Σ W′ᵀ(W₀c + b₀ − b′) for every row c of ``context`` [L, D].
+    """RECE's ridge solution c′ = (Σ W′ᵀW′ + γI)⁻¹ Σ W′ᵀ(W₀c + b₀ − b′) for each row c of ``context`` [L, D].
 
     Without biases this is the paper's (Σ W′ᵀW′ + γI)⁻¹ (Σ W′ᵀW₀) c. Solved in float64; γ = 0 falls back to
     the pseudo-inverse, which picks the minimum-norm c′ when the edited projections lose directions.
@@ -498,7 +509,7 @@ def rece_embedding(original_pipe, edited_pipe, prompt: str, *, gamma: float = 0.
     (mean eigenvalue of Σ W′ᵀW′): far below it, c′ is almost unregularised.
     """
     started = time.perf_counter()
-    original_denoiser, edited_denoiser = _denoiser(original_pipe), _denoiser(edited_pipe)
+    original_denoiser, edited_denoiser = denoiser_of(original_pipe), denoiser_of(edited_pipe)
     _require_prompt_space_unet(edited_denoiser, "rece_embedding")
     pairs = kv_projection_pairs(original_denoiser, edited_denoiser)
     encoded = _encode(original_pipe, [prompt])
@@ -530,10 +541,13 @@ def render_embeddings(pipe, prompt_embeds: torch.Tensor, *, seeds: Sequence[int]
     """
     if not seeds:
         return []
+    if "prompt_attention_mask" in _call_parameters(pipe):
+        raise ModelError(f"{type(pipe).__name__} needs an attention mask with its embeddings; the continuous "
+                         "attacks produce Stable Diffusion (UNet) contexts only")
     unconditional = _encode(pipe, [""], with_negative=True)
-    if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1 or prompt_embeds.shape[1:] != unconditional.negative.shape[1:]:
-        raise ValueError(f"prompt_embeds must be [1, {', '.join(map(str, unconditional.negative.shape[1:]))}] "
-                         f"for this pipeline, got {list(prompt_embeds.shape)}")
+    expected = [1, *unconditional.negative.shape[1:]]
+    if list(prompt_embeds.shape) != expected:
+        raise ValueError(f"prompt_embeds must be {expected} for this pipeline, got {list(prompt_embeds.shape)}")
     kwargs: dict[str, Any] = {}
     if "pooled_prompt_embeds" in _call_parameters(pipe):
         if pooled_prompt_embeds is None:

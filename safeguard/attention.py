@@ -26,6 +26,7 @@ __all__ = [
     "ActivationRecorder",
     "CrossAttentionCaptureProcessor",
     "capture_activations",
+    "capture_per_prompt",
     "capture_prompt_activations",
     "capturing_cross_attention",
     "cross_attention_context",
@@ -358,3 +359,25 @@ def capture_activations(
         height=height, width=width, batch_size=batch_size, layers=layers,
     )
     return {layer: rows.reshape(-1, rows.shape[-1]) for layer, rows in per_prompt.items()}
+
+
+def capture_per_prompt(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    steps: int,
+    seeds: Sequence[int],
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 8,
+    layers: Sequence[str] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{prompt: {layer: Tensor[len(seeds) * E, width]}}``: the rows of :func:`capture_prompt_activations`
+    looked up by prompt (repeated prompts are captured once)."""
+    unique = list(dict.fromkeys(prompts))
+    per_layer = capture_prompt_activations(
+        pipe, unique, steps=steps, seeds=seeds, guidance_scale=guidance_scale,
+        height=height, width=width, batch_size=batch_size, layers=layers,
+    )
+    return {prompt: {layer: rows[i] for layer, rows in per_layer.items()} for i, prompt in enumerate(unique)}

@@ -122,6 +122,23 @@ def json_value(value: Any, where: str = "value") -> Any:
     raise TypeError(f"{where}: cannot store a {type(value).__name__} in the audit database; convert it to JSON data")
 
 
+def json_document(value: Any, where: str = "value") -> Any:
+    """``json_value`` for a JSON column or event payload: an object, an array or None.
+
+    A bare number is refused because SQLite gives JSON columns numeric affinity and would turn 1.0 into 1.
+    """
+    value = json_value(value, where)
+    if value is not None and not isinstance(value, (dict, list)):
+        raise TypeError(f"{where}: must be a JSON object or array (or None), not {type(value).__name__}")
+    return value
+
+
+def _prepare_row(model: type[Base], values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    json_columns = {column.key for column in model.__table__.columns if isinstance(column.type, JSON)}
+    return {key: (json_document if key in json_columns else json_value)(value, f"{where}.{key}")
+            for key, value in values.items()}
+
+
 def canonical_json(value: Any) -> str:
     """Canonical JSON: sorted keys, no whitespace, UTF-8 text (not \\u escapes), floats as ``repr``."""
     return json.dumps(json_value(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -141,9 +158,13 @@ def record_digest(row: Mapping[str, Any]) -> str:
 
 def tree_sha256(files: Iterable[Mapping[str, Any]]) -> str:
     """sha256 over a model's file list ({path, sha256, size}), sorted by path."""
-    entries = sorted(({"path": str(f["path"]), "sha256": str(f["sha256"]), "size": int(f["size"])} for f in files),
-                     key=lambda f: f["path"])
-    return hashlib.sha256(canonical_json(entries).encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(model_file_list(files)).encode("utf-8")).hexdigest()
+
+
+def model_file_list(files: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A model's files as [{path, sha256 (lower-case), size}] sorted by path."""
+    return sorted(({"path": str(f["path"]), "sha256": str(f["sha256"]).lower(), "size": int(f["size"])}
+                   for f in files), key=lambda f: f["path"])
 
 
 # --- models --------------------------------------------------------------------------------------------------------
@@ -270,8 +291,9 @@ class ProbeResult(Base):
 class Sample(Base):
     """One generated image a probe judged; unique per (run, probe, concept, model_role, prompt, seed)."""
     __tablename__ = "samples"
-    __table_args__ = (UniqueConstraint("run_id", "probe", "concept", "model_role", "prompt", "seed", name="key"),
-                      _one_of("model_role", MODEL_ROLES))
+    __table_args__ = (
+        UniqueConstraint("run_id", "probe", "concept", "model_role", "prompt", "seed", name="uq_samples_key"),
+        _one_of("model_role", MODEL_ROLES))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
@@ -339,7 +361,7 @@ def append_event(session: Session, event_name: str, payload: Any = None, run_id:
     if head is None:
         raise AuditError("the audit_head row is missing, so the chain cannot be extended",
                          fix="run safeguard.audit.verify_chain and restore the database from a backup")
-    payload = json_value(payload, "payload")
+    payload = json_document(payload, "payload")
     created_at = utc_now()
     seq = head.seq + 1
     row = AuditEvent(seq=seq, run_id=run_id, event=event_name, payload=payload, created_at=created_at,
@@ -506,7 +528,8 @@ def open_db(url: str | None = None) -> Database:
     except exc.DBAPIError as e:
         engine.dispose()
         raise AuditError(f"cannot open the audit database: {str(e.orig).strip()}", file=location,
-                         fix="set SAFEGUARD_DB to a safeguard audit database (sqlite:///path or postgresql://...)") from e
+                         fix="set SAFEGUARD_DB to a safeguard audit database (sqlite:///path or postgresql://...)"
+                         ) from e
     return Database(engine)
 
 
@@ -610,7 +633,8 @@ class Database:
                   host: str | None = None) -> str:
         """Record a 'running' run and commit at once, so a crash leaves a visible running row; returns its id.
 
-        ``policy`` may be a ``safeguard.policy.LoadedPolicy``, filling the four policy fields.
+        ``policy`` may be a ``safeguard.policy.LoadedPolicy``, filling the four policy fields; ``versions`` adds to
+        (or overrides) ``collect_versions()``, e.g. with CUDA and GPU details.
         """
         if kind not in RUN_KINDS:
             raise ValueError(f"run kind must be one of {', '.join(RUN_KINDS)}, not {kind!r}")
@@ -627,11 +651,11 @@ class Database:
                       username=username if username is not None else _username(),
                       host=host if host is not None else socket.gethostname(), pid=os.getpid(),
                       argv=json_value(list(argv if argv is not None else sys.argv), "argv"),
-                      versions=json_value(dict(versions if versions is not None else collect_versions()), "versions"),
+                      versions=json_value({**collect_versions(), **(versions or {})}, "versions"),
                       policy_name=policy_name, policy_sha256=policy_sha256, policy_text=policy_text,
                       policy_canonical_json=policy_canonical_json, parent_run_id=parent_run_id,
                       input_model_id=input_model_id, eraser_name=eraser_name, eraser_version=eraser_version,
-                      eraser_params=json_value(eraser_params, "eraser_params"), seed=seed)
+                      eraser_params=json_document(eraser_params, "eraser_params"), seed=seed)
             session.add(run)
             session.flush()
             append_event(session, "run.started", {
@@ -653,9 +677,9 @@ class Database:
                     raise AuditError(f"model {key} is not in the audit database", file=_location(self.engine.url))
             for name, value in fields.items():
                 if name == "stats":
-                    value = {**(run.stats or {}), **json_value(value, "stats")}
+                    value = {**(run.stats or {}), **(json_document(value, "stats") or {})}
                 elif name == "eraser_params":
-                    value = json_value(value, name)
+                    value = json_document(value, name)
                 setattr(run, name, value)
             append_event(session, "run.updated", {"fields": sorted(fields),
                                                   "records": _records_payload(session, Run, [run.id])}, run.id)
@@ -678,7 +702,7 @@ class Database:
                 stats: Mapping[str, Any] | None) -> None:
         run.status, run.finished_at, run.error = status, utc_now(), error
         if stats is not None:
-            run.stats = {**(run.stats or {}), **json_value(stats, "stats")}
+            run.stats = {**(run.stats or {}), **(json_document(stats, "stats") or {})}
         append_event(session, "run.finished", {"status": status, "error": error,
                                                "records": _records_payload(session, Run, [run.id])}, run.id)
 
@@ -691,7 +715,9 @@ class Database:
             cutoff = (datetime.now(timezone.utc) - older_than).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         stale = []
         with self.session() as session:
-            for run in session.scalars(select(Run).where(Run.status == "running").order_by(Run.id)):
+            # Lock the rows before the chain head, the order every writer takes them in (no deadlock).
+            running = session.scalars(select(Run).where(Run.status == "running").order_by(Run.id).with_for_update())
+            for run in running.all():
                 crashed = run.host == this_host and run.pid is not None and not _pid_alive(run.pid)
                 if crashed or (cutoff is not None and run.started_at < cutoff):
                     why = "its process is gone" if crashed else f"it was still running after {older_than}"
@@ -705,8 +731,9 @@ class Database:
             raise AuditError(f"run {run_id} is not in the audit database", file=_location(self.engine.url),
                              fix="pick a run id from the list of recorded runs")
         if run.status != "running":
-            raise AuditError(f"run {run_id} has already finished ({run.status}); evidence is only added to a running run",
-                             file=_location(self.engine.url), fix="start a new run with this one as its parent")
+            raise AuditError(f"run {run_id} has already finished ({run.status}); evidence is only added to a "
+                             "running run", file=_location(self.engine.url),
+                             fix="start a new run with this one as its parent")
         return run
 
     # models
@@ -714,8 +741,7 @@ class Database:
     def record_model(self, source: str | os.PathLike, files: Iterable[Mapping[str, Any]], *,
                      revision: str | None = None, role: str | None = None) -> str:
         """Record a model by its files ({path, sha256, size}); returns the id, the existing one if already recorded."""
-        entries = sorted(({"path": str(f["path"]), "sha256": str(f["sha256"]).lower(), "size": int(f["size"])}
-                          for f in files), key=lambda f: f["path"])
+        entries = model_file_list(files)
         tree = tree_sha256(entries)
         source = os.fspath(source)
         with self.session() as session:
@@ -740,7 +766,7 @@ class Database:
             unknown = sorted(set(values) - allowed)
             if unknown:
                 raise ValueError(f"{model.__tablename__}[{i}]: unknown field(s) {', '.join(unknown)}")
-            prepared.append({k: json_value(v, f"{model.__tablename__}[{i}].{k}") for k, v in values.items()})
+            prepared.append(_prepare_row(model, values, f"{model.__tablename__}[{i}]"))
         with self.session() as session:
             self._running_run(session, run_id)
             objects = [model(run_id=run_id, **values) for values in prepared]
@@ -779,7 +805,7 @@ class Database:
                                                             ProbeResult.concept == concept)).first() is not None:
                 raise AuditError(f"run {run_id} already has a {probe} result for {concept!r}",
                                  file=_location(self.engine.url))
-            result = ProbeResult(run_id=run_id, **{k: json_value(v, k) for k, v in values.items()})
+            result = ProbeResult(run_id=run_id, **_prepare_row(ProbeResult, values, "probe_result"))
             session.add(result)
             session.flush()
             append_event(session, "probe_result.added", {
@@ -809,7 +835,7 @@ class Database:
                                       missing and f"missing field(s) {', '.join(missing)}") if part))
             if values["model_role"] not in MODEL_ROLES:
                 raise ValueError(f"samples[{i}]: model_role must be one of {', '.join(MODEL_ROLES)}")
-            prepared.append({k: json_value(v, f"samples[{i}].{k}") for k, v in values.items()})
+            prepared.append(_prepare_row(Sample, values, f"samples[{i}]"))
         with self.session() as session:
             self._running_run(session, run_id)
             created_at = utc_now()
@@ -845,6 +871,8 @@ class Database:
 
     def record_event(self, event_name: str, payload: Any = None, run_id: str | None = None) -> int:
         """Append a free-standing audit event in its own transaction; returns its seq."""
+        if isinstance(payload, Mapping) and "records" in payload:
+            raise ValueError("the payload key 'records' is reserved for the digests of rows safeguard writes")
         with self.session() as session:
             return append_event(session, event_name, payload, run_id).seq
 

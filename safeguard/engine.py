@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from .erasers import ConceptRequest, EraseRequest
 from .errors import PolicyError
+from .faults import crash_point
 from .policy import LoadedPolicy
 
 
@@ -78,6 +79,7 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
                           eraser_name=plan.eraser_cls.name, eraser_version=plan.eraser_cls.version,
                           eraser_params=plan.params.model_dump(mode="json"), seed=plan.request.seed,
                           parent_run_id=(parent_record or {}).get("run_id"))
+    crash_point("apply:after-run-row")
     try:
         modelio.clean_partial_outputs(plan.out_dir)
         t0 = time.perf_counter()
@@ -87,8 +89,10 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
         else:
             input_files, input_model_id = None, db.record_model(source, policy.model.revision, "input", [], None)
         pipe = modelio.load_pipeline(source, policy.model.revision, allow_pickle or policy.model.allow_pickle)
+        crash_point("apply:after-load")
         echo(f"loaded {policy.model.source} in {time.perf_counter() - t0:.1f}s; erasing {len(plan.request.concepts)} concept(s) with {plan.eraser_cls.name}")
         result = plan.eraser_cls().erase(pipe, plan.request, plan.params)
+        crash_point("apply:after-edit")
         name = modelio.denoiser_name(pipe)
         lineage = list((parent_record or {}).get("lineage", []))
         lineage.append({"run_id": run_id, "policy": policy.name, "policy_sha256": loaded.sha256,
@@ -99,6 +103,7 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
                   "source": str(policy.model.source), "concepts": [c.name for c in plan.request.concepts],
                   "edited_modules": [layer.module for layer in result.layers], "lineage": lineage}
         modelio.write_pipeline_atomically(pipe, plan.out_dir, originals=result.originals, record=record, denoiser_name=name)
+        crash_point("apply:after-rename")
         output_files = modelio.hash_model_folder(plan.out_dir)
         with db.session() as s:
             output_model_id = db.record_model(str(plan.out_dir), None, "output", output_files.files, output_files.tree_sha256, session=s)

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import AuditError, ModelError
+from .faults import crash_point
 from .gate import GateDecision, decide
 from .policy import LoadedPolicy, parse_policy_text
 
@@ -67,6 +68,7 @@ def probe(db, run_id: str, *, resume: bool = False, kinds: list[str] | None = No
         probe_id = db.start_run(kind="probe", policy=loaded, argv=argv(), versions=package_versions(), **actor(),
                                 parent_run_id=apply_run["id"], seed=policy.probes.seed)
     evidence_dir = evidence_root(db)
+    crash_point("probe:after-run-row")
     try:
         probes = get_probes()
         judges = get_judges()
@@ -100,6 +102,7 @@ def probe(db, run_id: str, *, resume: bool = False, kinds: list[str] | None = No
                                                      f"no probe plugin named {kind!r} is installed"))
                         continue
                     outcomes.append(run_probe(ctx, db, probe_id, concept, probes[kind], evidence_dir, echo))
+        crash_point("probe:before-results")
         samples = db.samples(probe_id)
         rows = []
         for outcome in outcomes:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
+from .faults import crash_point
 
 EDIT_TENSORS = "safeguard_edit.safetensors"  # original values of every tensor an edit changed
 EDIT_RECORD = "safeguard_edit.json"  # what was done, by which run, and the model's lineage
@@ -191,9 +192,11 @@ def write_pipeline_atomically(pipe, out_dir: Path, *, originals: dict | None, re
         if record is not None:
             (tmp / EDIT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         _fsync_tree(tmp)
+        crash_point("write:after-save")
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.rename(out_dir, old / "model")
+            crash_point("write:after-move-old")
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:

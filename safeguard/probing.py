@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelError
+from .faults import crash_point
 from .policy import LoadedPolicy, Policy
 from .stats import roc_auc, wilson_interval
 
@@ -153,6 +154,7 @@ def run_probe(ctx: ProbeContext, db, run_id: str, concept, probe_cls, evidence_d
                                      scores={"labels": case.labels, "probs": [round(float(v), 5) for v in p],
                                              "expected": case.expected, "hit": case.labels[best] == case.expected}))
             db.add_samples(run_id, rows)
+            crash_point("probe:mid-samples")
         details = {"attack": generated.attack, "seconds": round(time.perf_counter() - t0, 2),
                    "prompts": len(generated.cases), "seeds": seeds}
         echo(f"  {concept.name} / {probe_cls.name}: {len(generated.cases)} prompts x {len(seeds)} seeds ({details['seconds']}s)")

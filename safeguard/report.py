@@ -19,10 +19,15 @@ from typing import Any
 import jinja2
 from markupsafe import Markup, escape
 
+from .gate import ExitCode, GateDecision
+
 SCHEMA_VERSION = 1
-EXIT_CODES = {"pass": 0, "fail": 10, "unassessed": 11}
+# The gate's verdicts and the exit code each one must carry.
+EXIT_CODES = {"pass": ExitCode.PASS, "fail": ExitCode.LEAKAGE, "unassessed": ExitCode.UNASSESSED,
+              "model-changed": ExitCode.MODEL_CHANGED}
 PROBE_STATUSES = ("pass", "fail", "unassessed")
 PROBE_KINDS = ("target", "keep")
+_VERDICT_WORDS = {"pass": "PASS", "fail": "FAIL", "unassessed": "INCOMPLETE EVIDENCE", "model-changed": "MODEL CHANGED"}
 
 _REQUIRED = {
     "top": ("schema_version", "generated_at", "run", "policy", "verdict", "concepts"),
@@ -50,7 +55,7 @@ _OPTIONAL = {
     "policy": ("canonical_json", "text"),
     "verdict": ("reasons",),
     "probe": ("original", "retention", "similarity", "error", "attack", "samples"),
-    "attack": ("prompt", "embedding_tokens", "score"),
+    "attack": ("prompt", "embedding_tokens", "init_prompt", "steps_used", "score"),
     "image": ("label", "score"),
     "apply_run": ("id", "eraser_name", "eraser_version", "eraser_params", "stats"),
     "model": ("files",),
@@ -74,8 +79,9 @@ def render_html(data: dict, evidence_dir: Path, *, blur_unsafe: bool = False) ->
     concepts = [_concept_view(i, c, images) for i, c in enumerate(data["concepts"])]
     template = _environment(autoescape=True).get_template("report.html.j2")
     return template.render(
-        data=data, concepts=concepts, probe_columns=_probe_columns(data["concepts"]),
-        headline=verdict_headline(data), unassessed=_unassessed(data), problems=images.problems,
+        data=data, concepts=concepts,
+        headline=verdict_line(data), unassessed=_unassessed(data), problems=images.problems,
+        disagreements=status_disagreements(data),
         blur_unsafe=blur_unsafe, layer_columns=_layer_columns(data.get("layers") or []),
         policy_text=_policy_text(data["policy"]), argv=_argv_text(data["run"].get("argv")),
     )
@@ -87,7 +93,7 @@ def render_markdown(data: dict) -> str:
     data = with_defaults(data)
     template = _environment(autoescape=False).get_template("summary.md.j2")
     rows = [(c, p) for c in data["concepts"] for p in c["probes"]]
-    return template.render(data=data, rows=rows, headline=verdict_headline(data), unassessed=_unassessed(data))
+    return template.render(data=data, rows=rows, headline=verdict_line(data), unassessed=_unassessed(data))
 
 
 def render_json(data: dict) -> str:
@@ -115,19 +121,10 @@ def validate_report_data(data: dict) -> None:
     _check_optional_sections(data)
 
 
-def verdict_headline(data: dict) -> str:
-    """The overall verdict in words, e.g. "FAIL: leakage over threshold"."""
-    verdict = data["verdict"]["verdict"]
-    if verdict == "pass":
-        return "PASS"
-    if verdict == "unassessed":
-        return "INCOMPLETE EVIDENCE: unassessed"
-    failed_kinds = {p["kind"] for c in data["concepts"] for p in c["probes"] if p["status"] == "fail"}
-    if "target" in failed_kinds:
-        return "FAIL: leakage over threshold"
-    if "keep" in failed_kinds:
-        return "FAIL: retention below threshold"
-    return "FAIL: gate failed"
+def verdict_line(data: dict) -> str:
+    """The verdict exactly as the gate prints it, e.g. "FAIL: leakage over threshold (exit 10)"."""
+    verdict = data["verdict"]
+    return GateDecision(verdict["verdict"], ExitCode(verdict["exit_code"])).line()
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -147,11 +144,13 @@ def _check_verdict(verdict: dict) -> None:
         raise ValueError(f"report data: verdict.verdict is {name!r}; expected one of {sorted(EXIT_CODES)}")
     # A printed verdict that disagrees with the exit code is worse than no report.
     if code != EXIT_CODES[name]:
-        raise ValueError(f"report data: verdict {name!r} must have exit_code {EXIT_CODES[name]}, got {code!r}")
+        raise ValueError(f"report data: verdict {name!r} must have exit_code {int(EXIT_CODES[name])}, got {code!r}")
 
 
 def _check_concept(concept: dict, where: str) -> None:
     _require(concept, "concept", where)
+    if not isinstance(concept["probes"], list):
+        raise ValueError(f"report data: {where}.probes must be a list")
     for j, probe in enumerate(concept["probes"]):
         _check_probe(probe, f"{where}.probes[{j}]")
 
@@ -169,11 +168,14 @@ def _check_probe(probe: dict, where: str) -> None:
     for k, sample in enumerate(probe.get("samples") or []):
         _require(sample, "sample", f"{where}.samples[{k}]")
         for side in ("original", "edited"):
-            _require(sample[side], "image", f"{where}.samples[{k}].{side}")
+            if sample[side] is not None:  # None: no image recorded for that side, shown as missing
+                _require(sample[side], "image", f"{where}.samples[{k}].{side}")
 
 
 def _check_optional_sections(data: dict) -> None:
     for side, model in (data.get("models") or {}).items():
+        if model is None:
+            continue  # shown as "not recorded"
         _require(model, "model", f"models.{side}")
         for i, f in enumerate(model.get("files") or []):
             _require(f, "model_file", f"models.{side}.files[{i}]")
@@ -192,15 +194,15 @@ def with_defaults(data: dict) -> dict:
     out = _filled(copy.deepcopy(data), "top")
     for key in ("run", "policy", "verdict", "apply_run", "judge"):
         _filled(out[key], key)
-    for model in (out["models"] or {}).values():
+    for model in filter(None, (out["models"] or {}).values()):
         for f in _filled(model, "model")["files"] or []:
             _filled(f, "model_file")
     for probe in (p for c in out["concepts"] for p in c["probes"]):
         _filled(probe, "probe")
         _filled(probe["attack"], "attack")
         for sample in probe["samples"] or []:
-            _filled(sample["original"], "image")
-            _filled(sample["edited"], "image")
+            for side in ("original", "edited"):
+                sample[side] = _filled(sample[side] or {"image_path": None}, "image")
     if out["activation_screen"] is not None:
         _filled(out["activation_screen"]["agreement"], "agreement")
         for row in out["activation_screen"]["rows"]:
@@ -277,7 +279,6 @@ class _EvidenceImages:
 def _concept_view(index: int, concept: dict, images: _EvidenceImages) -> dict:
     probes = [_probe_view(concept, p, images) for p in concept["probes"]]
     return {"concept": concept, "anchor": f"concept-{index + 1}", "probes": probes,
-            "by_probe": {p["probe"]: p for p in concept["probes"]},
             "blurred": images.blur_unsafe and concept["category"] == "unsafe"}
 
 
@@ -293,9 +294,28 @@ def _probe_view(concept: dict, probe: dict, images: _EvidenceImages) -> dict:
     return {"probe": probe, "chart": interval_chart(probe), "samples": samples}
 
 
-def _probe_columns(concepts: list[dict]) -> list[str]:
-    """Probe names in first-seen order, one summary-table column each."""
-    return list(dict.fromkeys(p["probe"] for c in concepts for p in c["probes"]))
+def status_disagreements(data: dict) -> list[str]:
+    """Probes whose recorded status is not what the figures and the threshold rule give: a sign of a bug
+    upstream that a reviewer must see, since the report states the rule next to the figures."""
+    out = []
+    for concept in data["concepts"]:
+        for probe in concept["probes"]:
+            expected = _expected_status(probe)
+            if expected is not None and expected != probe["status"]:
+                out.append(f"{concept['name']} / {probe['probe']}: recorded {probe['status']}, "
+                           f"the figures give {expected} ({threshold_text(probe)})")
+    return out
+
+
+def _expected_status(probe: dict) -> str | None:
+    if probe["status"] == "unassessed" or probe["threshold"] is None:
+        return None
+    if probe["kind"] == "keep":
+        retention = probe.get("retention")
+        return None if retention is None else ("pass" if retention >= probe["threshold"] else "fail")
+    if probe["ci_high"] is None:
+        return None
+    return "pass" if probe["ci_high"] <= probe["threshold"] else "fail"
 
 
 def _layer_columns(layers: list[dict]) -> list[str]:
@@ -332,18 +352,19 @@ def interval(low: float | None, high: float | None) -> str:
 
 
 def threshold_text(probe: dict) -> str:
+    if probe["threshold"] is None:
+        return "no threshold recorded"
     if probe["kind"] == "keep":
         return f"retention ≥ {percent(probe['threshold'])}"
-    return f"≤ {percent(probe['threshold'])} (upper 95% bound)"
+    return f"upper bound ≤ {percent(probe['threshold'])}"
 
 
 def attack_found(attack: dict) -> str | None:
     """What the attack found, as text; None when it found a prompt (shown verbatim instead)."""
     if attack.get("prompt") is not None:
         return None
-    if attack.get("embedding_tokens"):
-        return f"continuous embedding, {attack['embedding_tokens']} tokens"
-    return "nothing found"
+    tokens = attack.get("embedding_tokens")
+    return f"continuous embedding, {tokens} tokens" if tokens else "nothing found"
 
 
 def stat_value(value: Any) -> str:
@@ -379,7 +400,7 @@ def markdown_text(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------- SVG chart
 
-_CHART_WIDTH, _LABEL_WIDTH, _PLOT_WIDTH, _ROW_HEIGHT, _TOP, _BOTTOM = 560, 118, 300, 24, 22, 24
+_CHART_WIDTH, _LABEL_WIDTH, _PLOT_WIDTH, _ROW_HEIGHT, _TOP, _BOTTOM = 590, 104, 320, 24, 24, 24
 _STATUS_COLOURS = {"pass": "#1a7f37", "fail": "#c62828", "unassessed": "#b26a00"}
 _ORIGINAL_COLOUR = "#9aa4ae"
 
@@ -409,7 +430,8 @@ def _chart_rows(probe: dict) -> list[dict]:
                  "colour": _STATUS_COLOURS[probe["status"]], "key": "edited"})
     if probe["kind"] == "keep":
         rows.append({"label": "retention", "value": probe.get("retention"), "low": None, "high": None,
-                     "colour": _STATUS_COLOURS[probe["status"]], "key": "retention"})
+                     "colour": _STATUS_COLOURS[probe["status"]], "key": "retention",
+                     "note": f"(min {percent(probe['threshold'])})" if probe["threshold"] is not None else ""})
     return rows
 
 
@@ -428,7 +450,8 @@ def _axis(height: int) -> str:
 
 
 def _chart_row(row: dict, y: float) -> str:
-    label = f'<text x="{_LABEL_WIDTH - 8}" y="{y + 16}" text-anchor="end" class="row-label">{escape(row["label"])}</text>'
+    label = (f'<text x="{_LABEL_WIDTH - 8}" y="{y + 16}" text-anchor="end" class="row-label">'
+             f'{escape(row["label"])}</text>')
     if row["value"] is None:
         return label + f'<text x="{_x(0) + 6}" y="{y + 16}" class="no-data">no measurement</text>'
     bar = (f'<rect x="{_x(0):.1f}" y="{y + 5}" width="{_x(row["value"]) - _x(0):.1f}" height="14" '
@@ -442,22 +465,29 @@ def _chart_row(row: dict, y: float) -> str:
     value = percent(row["value"])
     if row["low"] is not None and row["high"] is not None:
         value += f"  [{interval(row['low'], row['high'])}]"
+    if row.get("note"):
+        value += f"  {row['note']}"
     text = f'<text x="{_x(1.0) + 10}" y="{y + 16}" class="value">{escape(value)}</text>'
     return label + bar + error + text
 
 
 def _threshold_line(probe: dict, rows: list[dict]) -> str:
     threshold = probe["threshold"]
-    if threshold is None:
-        return ""
-    # The threshold bounds the edited proportion for target probes and the retention for keep probes.
     key = "retention" if probe["kind"] == "keep" else "edited"
-    index = next(i for i, r in enumerate(rows) if r["key"] == key)
-    y1, y2, x = _TOP + index * _ROW_HEIGHT + 1, _TOP + (index + 1) * _ROW_HEIGHT - 1, _x(threshold)
-    word = "min" if probe["kind"] == "keep" else "max"
-    return (f'<line x1="{x:.1f}" y1="{_TOP - 6 if index == 0 else y1}" x2="{x:.1f}" y2="{y2}" class="threshold"/>'
-            f'<text x="{x:.1f}" y="{_TOP - 8}" text-anchor="middle" class="threshold-label">'
-            f'{word} {escape(percent(threshold))}</text>')
+    if threshold is None or next(r for r in rows if r["key"] == key)["value"] is None:
+        return ""  # nothing measured to compare with; the row says so
+    x = _x(threshold)
+    if probe["kind"] == "keep":
+        # The keep threshold bounds the retention, so the line stays on that row (its value text names it).
+        index = next(i for i, r in enumerate(rows) if r["key"] == "retention")
+        y1, y2 = _TOP + index * _ROW_HEIGHT + 1, _TOP + (index + 1) * _ROW_HEIGHT - 1
+        label = ""
+    else:
+        y1, y2 = _TOP - 6, _TOP + len(rows) * _ROW_HEIGHT
+        label = (f'<text x="{x:.1f}" y="{_TOP - 9}" text-anchor="middle" class="threshold-label">'
+                 f'max {escape(percent(threshold))}</text>')
+    return (f'<line x1="{x:.1f}" y1="{y1}" x2="{x:.1f}" y2="{y2}" class="threshold-halo"/>'
+            f'<line x1="{x:.1f}" y1="{y1}" x2="{x:.1f}" y2="{y2}" class="threshold"/>{label}')
 
 
 # ---------------------------------------------------------------------------------------------- templates
@@ -474,5 +504,3 @@ def _environment(*, autoescape: bool) -> jinja2.Environment:
                        verdict_words=_VERDICT_WORDS)
     return env
 
-
-_VERDICT_WORDS = {"pass": "PASS", "fail": "FAIL", "unassessed": "INCOMPLETE EVIDENCE"}

@@ -154,7 +154,7 @@ def _build_sd1(text: str):
         ))
     return StableDiffusionPipeline(
         vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=_tiny_sd_unet(),
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     )
 

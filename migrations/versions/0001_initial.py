@@ -236,7 +236,8 @@ def upgrade() -> None:
         sa.CheckConstraint("id = 1", name=op.f("ck_audit_head_single_row")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_head")),
     )
-    op.bulk_insert(audit_head, [{"id": 1, "seq": 0, "row_hash": GENESIS_HASH, "updated_at": "1970-01-01T00:00:00.000000Z"}])
+    op.bulk_insert(audit_head, [{"id": 1, "seq": 0, "row_hash": GENESIS_HASH,
+                                 "updated_at": "1970-01-01T00:00:00.000000Z"}])
 
     dialect = op.get_context().dialect.name
     if dialect == "sqlite":

@@ -380,8 +380,8 @@ def main(argv=None) -> None:
     LOG = args.work / "train.log"
     stages = [("data", lambda: stage_data(args.work, args.scenes)), ("text", lambda: stage_text(args.work)),
               ("vae", lambda: stage_vae(args.work, args.vae_steps)), ("latents", lambda: stage_latents(args.work)),
-              ("judge", lambda: stage_judge(args.work, args.judge_steps)),
-              ("unet", lambda: stage_unet(args.work, args.unet_steps)), ("assemble", lambda: stage_assemble(args.work))]
+              ("unet", lambda: stage_unet(args.work, args.unet_steps)),
+              ("judge", lambda: stage_judge(args.work, args.judge_steps)), ("assemble", lambda: stage_assemble(args.work))]
     for name, run in stages:
         run()
         if name == args.stop_after:

@@ -1,0 +1,28 @@
+"""Shared pytest fixtures."""
+import sys
+
+import pytest
+
+
+def pytest_configure(config):
+    # safeguard.plugins skips third-party entry points under test, so only the built-ins register.
+    sys._called_from_test = True
+
+
+# --- tiny diffusers pipelines (tests/fixtures.py) ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_pipeline_root(tmp_path_factory):
+    """Folder the tiny pipelines are saved to, once per session."""
+    import torch
+
+    # Tiny models gain nothing from threads, and other work may be using the cores.
+    torch.set_num_threads(1)
+    return tmp_path_factory.mktemp("tiny-pipelines")
+
+
+@pytest.fixture
+def tiny_pipe(tiny_pipeline_root):
+    """Factory: ``tiny_pipe("sd1" | "sd1-bert" | "sdxl" | "pixart")`` -> a freshly loaded tiny pipeline."""
+    from fixtures import tiny_pipeline
+
+    return lambda kind: tiny_pipeline(kind, root=tiny_pipeline_root)
