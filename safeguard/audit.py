@@ -2,8 +2,9 @@
 
 The chain (``audit_events``) links each event to the previous one by hash; ``audit_head`` names the last event, so a
 cut tail shows; each event that wrote evidence rows carries their digests, so edits to those tables show. Someone who
-rewrites the whole file consistently can only be caught against a head recorded earlier: pass it as ``anchor``
-(ideally one made by ``sign_head`` and kept outside the database, e.g. as a CI artifact).
+rewrites the file consistently can only be caught against a head recorded earlier: a signed head (``sign_head``
+also appends it to the chain as an ``audit.head_signed`` event) or, strongest, one kept outside the database, such
+as a CI artifact, passed as ``anchor``.
 """
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from typing import Any
 
 from sqlalchemy import select
 
-from safeguard.db import (EVIDENCE_MODELS, GENESIS_HASH, AuditEvent, AuditHead, Database, canonical_json,
-                          event_row_hash, record_digest, utc_now)
+from safeguard.db import (EVIDENCE_MODELS, GENESIS_HASH, AuditEvent, AuditHead, Database, append_event,
+                          canonical_json, event_row_hash, record_digest, utc_now)
 from safeguard.errors import AuditError
 
 __all__ = ["VerifyResult", "canonical_json", "verify_chain", "sign_head", "verify_signature", "generate_signing_key",
-           "public_key_for", "key_id"]
+           "public_key_for", "key_id", "SIGNED_HEAD_EVENT"]
 
 SIGNATURE_ALGORITHM = "ed25519"
+SIGNED_HEAD_EVENT = "audit.head_signed"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class VerifyResult:
     head_seq: int = 0
     head_hash: str = GENESIS_HASH
     records_checked: int = 0  # evidence rows compared with the digests their events recorded
+    signatures_checked: int = 0  # signed heads verified with the given public key
 
     def __bool__(self) -> bool:
         return self.ok
@@ -41,21 +44,41 @@ class VerifyResult:
 
 def verify_chain(db: Database, anchor: Mapping[str, Any] | None = None,
                  public_key: bytes | str | None = None) -> VerifyResult:
-    """Recompute every event hash, check the links, the head row, the evidence rows and (optionally) an anchor.
+    """Recompute every event hash; check the links, the head row, the evidence rows and every recorded head.
 
-    ``anchor`` is a head recorded earlier ({"seq", "row_hash"}, e.g. from ``sign_head``); with ``public_key`` its
-    signature is checked first.
+    Recorded heads are the ``audit.head_signed`` events in the chain and ``anchor`` ({"seq", "row_hash"}, e.g. a
+    ``sign_head`` result kept elsewhere); each must match the chain at its seq. With ``public_key``, the signatures
+    made with that key are checked too, and at least one must exist.
     """
-    if anchor is not None and public_key is not None and not verify_signature(anchor, public_key):
-        return VerifyResult(False, 0, None, "the anchor's signature does not verify with this public key")
     checked, expected_seq, prev_hash = 0, 1, GENESIS_HASH
-    anchor_seen = False
-    records: dict[tuple[str, str], tuple[int, str]] = {}  # (table, key) -> (seq of the latest event, digest)
+    signatures = 0
+    # (table, key) -> (seq of the latest event that wrote the row, its digest; None if that event deleted it)
+    records: dict[tuple[str, str], tuple[int, str | None]] = {}
 
     def broken(seq: int | None, reason: str) -> VerifyResult:
-        return VerifyResult(False, checked, seq, reason, expected_seq - 1, prev_hash)
+        return VerifyResult(False, checked, seq, reason, expected_seq - 1, prev_hash, 0, signatures)
 
     with db.read_session() as session:
+        heads: list[tuple[str, Mapping[str, Any]]] = []  # (description, head)
+        if anchor is not None:
+            heads.append(("the anchored head", anchor))
+        signed_events = session.execute(select(AuditEvent.seq, AuditEvent.payload)
+                                        .where(AuditEvent.event == SIGNED_HEAD_EVENT).order_by(AuditEvent.seq))
+        heads += [(f"the head signed in event {seq}", payload) for seq, payload in signed_events
+                  if isinstance(payload, Mapping)]
+        if public_key is not None:
+            wanted = key_id(public_key)
+            for description, head in heads:
+                if head is anchor or head.get("key_id") == wanted:
+                    if not verify_signature(head, public_key):
+                        return broken(None, f"the signature of {description} does not verify with this public key")
+                    signatures += 1
+            if not signatures:
+                return broken(None, f"no head in the chain is signed with key {wanted}")
+        heads_at: dict[int, list[tuple[str, Mapping[str, Any]]]] = {}
+        for description, head in heads:
+            heads_at.setdefault(head.get("seq"), []).append((description, head))
+
         events = session.execute(select(AuditEvent.__table__).order_by(AuditEvent.seq)).mappings()
         for row in events.yield_per(1000):
             seq = row["seq"]
@@ -69,10 +92,9 @@ def verify_chain(db: Database, anchor: Mapping[str, Any] | None = None,
             actual = event_row_hash(prev_hash, seq, row["run_id"], row["event"], row["payload"], row["created_at"])
             if actual != row["row_hash"]:
                 return broken(seq, f"event {seq} was changed after it was written (its row_hash does not match)")
-            if anchor is not None and seq == anchor.get("seq"):
-                if row["row_hash"] != anchor.get("row_hash"):
-                    return broken(seq, f"event {seq} differs from the anchored head (the chain was rewritten)")
-                anchor_seen = True
+            for description, head in heads_at.pop(seq, []):
+                if head.get("row_hash") != row["row_hash"]:
+                    return broken(seq, f"event {seq} differs from {description}: the chain was rewritten")
             payload = row["payload"]
             if isinstance(payload, Mapping) and isinstance(payload.get("records"), Mapping):
                 for table, digests in payload["records"].items():
@@ -92,12 +114,13 @@ def verify_chain(db: Database, anchor: Mapping[str, Any] | None = None,
             return broken(head.seq + 1 if head.seq < last_seq else head.seq,
                           f"audit_head records event {head.seq} but the chain ends at event {last_seq} "
                           "(events were added without moving the head, or the head was changed)")
-        if anchor is not None and not anchor_seen:
-            if anchor.get("seq") == 0 and anchor.get("row_hash") == GENESIS_HASH:
-                anchor_seen = True
-            else:
-                return broken(None, f"the anchored head (event {anchor.get('seq')}) is not in the chain, which ends at "
-                                    f"event {last_seq}: its tail was removed or rewritten")
+        for description, recorded_head in heads_at.pop(0, []):
+            if recorded_head.get("row_hash") != GENESIS_HASH:
+                return broken(None, f"{description} is not the empty chain's: the chain was rewritten")
+        if heads_at:
+            seq, unmatched = min(heads_at.items(), key=lambda item: str(item[0]))
+            return broken(None, f"{unmatched[0][0]} (event {seq}) is not in the chain, which ends at event "
+                                f"{last_seq}: its tail was removed or rewritten")
 
         records_checked = 0
         for table, model in EVIDENCE_MODELS.items():
@@ -107,13 +130,16 @@ def verify_chain(db: Database, anchor: Mapping[str, Any] | None = None,
                 recorded = records.pop((table, key), None)
                 if recorded is None:
                     return broken(None, f"{table} row {key} has no audit event: it was inserted outside safeguard")
+                if recorded[1] is None:
+                    return broken(recorded[0], f"{table} row {key} was deleted by event {recorded[0]} but is back")
                 if record_digest(row) != recorded[1]:
                     return broken(recorded[0], f"{table} row {key} differs from what event {recorded[0]} recorded")
                 records_checked += 1
-        if records:
-            (table, key), (seq, _digest) = min(records.items(), key=lambda item: item[1][0])
+        missing = {item: where for item, where in records.items() if where[1] is not None}
+        if missing:
+            (table, key), (seq, _digest) = min(missing.items(), key=lambda item: item[1][0])
             return broken(seq, f"{table} row {key}, recorded by event {seq}, is missing: it was deleted")
-    return VerifyResult(True, checked, None, None, last_seq, prev_hash, records_checked)
+    return VerifyResult(True, checked, None, None, last_seq, prev_hash, records_checked, signatures)
 
 
 # --- signing -------------------------------------------------------------------------------------------------------
@@ -128,10 +154,13 @@ def _nacl():
 
 
 def _key_bytes(key: bytes | str, what: str) -> bytes:
-    raw = bytes.fromhex(key.strip()) if isinstance(key, str) else bytes(key)
+    try:
+        raw = bytes.fromhex(key.strip()) if isinstance(key, str) else bytes(key)
+    except ValueError:
+        raw = b""
     if len(raw) != 32:
-        raise AuditError(f"an ed25519 {what} is 32 bytes (64 hex digits), not {len(raw)} bytes",
-                         fix=f"use the {what} made by generate_signing_key")
+        raise AuditError(f"an ed25519 {what} is 32 bytes (64 hex digits)",
+                         fix=f"use the {what} from generate_signing_key")
     return raw
 
 
@@ -156,11 +185,12 @@ def _signed_message(head: Mapping[str, Any]) -> bytes:
     return canonical_json({k: v for k, v in head.items() if k != "signature"}).encode("utf-8")
 
 
-def sign_head(db: Database, key_bytes: bytes | str) -> dict[str, Any]:
-    """Verify the chain, then sign its head with an ed25519 private seed; returns the signed head as a dict."""
+def sign_head(db: Database, key_bytes: bytes | str, *, record: bool = True) -> dict[str, Any]:
+    """Verify the chain, sign its head with an ed25519 private seed and (``record``) append the signed head to the
+    chain as an ``audit.head_signed`` event; returns the signed head, to keep outside the database too."""
     result = verify_chain(db)
     if not result.ok:
-        raise AuditError(f"refusing to sign a broken audit chain: {result.reason}", file=db.url,
+        raise AuditError(f"refusing to sign a broken audit chain: {result.reason}", file=db.location,
                          fix="investigate the tampering; restore the database from a backup")
     nacl = _nacl()
     signing_key = nacl.signing.SigningKey(_key_bytes(key_bytes, "private key"))
@@ -169,17 +199,20 @@ def sign_head(db: Database, key_bytes: bytes | str) -> dict[str, Any]:
             "row_hash": result.head_hash, "signed_at": utc_now(), "public_key": public.hex(),
             "key_id": key_id(public)}
     head["signature"] = signing_key.sign(_signed_message(head)).signature.hex()
+    if record:  # if another writer appended meanwhile, the signed head is still a valid earlier point
+        with db.session() as session:
+            append_event(session, SIGNED_HEAD_EVENT, head)
     return head
 
 
 def verify_signature(head_dict: Mapping[str, Any], public_key: bytes | str) -> bool:
     """Whether ``head_dict`` (from ``sign_head``) was signed by the private key of ``public_key``, unaltered."""
     nacl = _nacl()
+    verify_key = nacl.signing.VerifyKey(_key_bytes(public_key, "public key"))
     if head_dict.get("algorithm") != SIGNATURE_ALGORITHM or not isinstance(head_dict.get("signature"), str):
         return False
     try:
-        signature = bytes.fromhex(head_dict["signature"])
-        nacl.signing.VerifyKey(_key_bytes(public_key, "public key")).verify(_signed_message(head_dict), signature)
-    except (ValueError, nacl.exceptions.BadSignatureError):
+        verify_key.verify(_signed_message(head_dict), bytes.fromhex(head_dict["signature"]))
+    except (ValueError, TypeError, nacl.exceptions.BadSignatureError):
         return False
     return True

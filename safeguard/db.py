@@ -4,21 +4,24 @@ Tables (times are UTC ISO 8601 text such as ``2025-01-31T12:00:00.000000Z``, whi
 SQLite and PostgreSQL; ids of runs and models are 26-character ULIDs, which sort by creation time):
 
 - ``runs``: one row per command (kind ``apply`` | ``probe`` | ``audit`` | ``revert``, status ``running`` | ``done`` |
-  ``failed``), who ran it where (``username``, ``host``, ``pid``, ``argv``), package ``versions``, the policy (name,
+  ``failed``), who ran it where (``user``, ``host``, ``pid``, ``argv``), package ``versions``, the policy (name,
   sha256, text, canonical JSON), lineage (``parent_run_id``), input/output model, eraser name/version/params, seed,
   error and ``stats``.
-- ``models``: a model folder or hub id (``source``) at a ``revision`` with every file's path, sha256 and size and
-  ``tree_sha256``, the hash of that sorted list; unique on (``tree_sha256``, ``source``).
+- ``models``: a model folder or hub id (``path``) at a ``revision`` with every file's path, sha256 and size and
+  ``tree_sha256``, one hash over that list; unique on (``tree_sha256``, ``path``). ``role`` is the role it was first
+  recorded in; ``Database.run_models`` gives its role in a given run.
 - ``concept_edits``: per run and concept, the category, forget and retain prompts and edit statistics.
 - ``layer_edits``: per run, each edited module path with its statistics (ranks, variance, delta norms, rows, seconds).
-- ``probe_results``: per run, probe and concept: status ``pass`` | ``fail`` | ``unassessed``, n, hits, rate,
+- ``probe_results``: per run, probe and concept (replaced as a whole by ``replace_probe_results`` when a resumed probe
+  recomputes them): status ``pass`` | ``fail`` | ``unassessed``, n, hits, rate,
   confidence interval, threshold, details and the judge (name, version, weights sha256).
 - ``samples``: every generated image a probe judged; unique on (run, probe, concept, model_role, prompt, seed) so a
   resumed probe never records a sample twice.
 - ``gate_decisions``: per run, the verdict, the exit code it maps to and the reasons.
 - ``audit_events``: the append-only hash chain (``seq``, ``run_id``, ``event``, ``payload``, ``created_at``,
   ``prev_hash``, ``row_hash``); each event that writes evidence carries, under ``payload["records"]``, the sha256 of
-  every row it wrote, so ``safeguard.audit.verify_chain`` also catches edits to the evidence tables.
+  every row it wrote (None for a row it deleted), so ``safeguard.audit.verify_chain`` also catches edits to the
+  evidence tables.
 - ``audit_head``: one row holding the chain's last ``seq`` and ``row_hash``, updated with every event, so a truncated
   tail is caught.
 
@@ -46,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, CheckConstraint, Engine, Float, ForeignKey, Integer, MetaData, String, Text,
-                        UniqueConstraint, create_engine, event, exc, select)
+                        UniqueConstraint, create_engine, delete, event, exc, select)
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -161,6 +164,9 @@ def tree_sha256(files: Iterable[Mapping[str, Any]]) -> str:
     return hashlib.sha256(canonical_json(model_file_list(files)).encode("utf-8")).hexdigest()
 
 
+_tree_sha256 = tree_sha256  # for methods whose tree_sha256 argument hides the function
+
+
 def model_file_list(files: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """A model's files as [{path, sha256 (lower-case), size}] sorted by path."""
     return sorted(({"path": str(f["path"]), "sha256": str(f["sha256"]).lower(), "size": int(f["size"])}
@@ -190,12 +196,12 @@ class Base(DeclarativeBase):
 class Model(Base):
     """A model folder or hub id at a revision, identified by the hashes of its files."""
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("tree_sha256", "source"),)
+    __table_args__ = (UniqueConstraint("tree_sha256", "path"),)
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
-    source: Mapped[str] = mapped_column(Text)  # folder path or hub id
+    path: Mapped[str] = mapped_column(Text)  # folder path, or hub id for a model known only by name
     revision: Mapped[str | None] = mapped_column(String(255))
-    role: Mapped[str | None] = mapped_column(String(32))  # e.g. "original", "edited"
+    role: Mapped[str | None] = mapped_column(String(32))  # the role it was first recorded in: "input", "output"
     files: Mapped[list[Any]] = mapped_column(JSON)  # [{path, sha256, size}] sorted by path
     tree_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[str] = mapped_column(String(32))
@@ -211,8 +217,8 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     started_at: Mapped[str] = mapped_column(String(32), index=True)
     finished_at: Mapped[str | None] = mapped_column(String(32))
-    # "username", not "user": in PostgreSQL an unquoted ``user`` silently means CURRENT_USER.
-    username: Mapped[str | None] = mapped_column(String(255))
+    # Raw SQL on PostgreSQL must quote this column ("user"): unquoted, user means CURRENT_USER.
+    user: Mapped[str | None] = mapped_column(String(255))
     host: Mapped[str | None] = mapped_column(String(255))
     pid: Mapped[int | None] = mapped_column(Integer)  # lets a later command tell a crashed run from a live one
     argv: Mapped[list[Any]] = mapped_column(JSON)
@@ -277,7 +283,7 @@ class ProbeResult(Base):
     probe: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16))
     n: Mapped[int] = mapped_column(Integer)
-    hits: Mapped[int] = mapped_column(Integer)
+    hits: Mapped[int | None] = mapped_column(Integer)  # None for screens that count no hits
     rate: Mapped[float | None] = mapped_column(Float)
     ci_low: Mapped[float | None] = mapped_column(Float)
     ci_high: Mapped[float | None] = mapped_column(Float)
@@ -584,7 +590,8 @@ _UPDATABLE_RUN_FIELDS = ("input_model_id", "output_model_id", "eraser_name", "er
 
 
 class Database:
-    """An open audit database. Each helper writes its rows and their audit event in one transaction."""
+    """An open audit database. Each helper writes its rows and their audit event in one transaction: its own, or
+    the caller's when given ``session=`` (from ``Database.session()``) to make several writes one transaction."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -609,6 +616,11 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    @property
+    def location(self) -> str:
+        """The SQLite file (or ``:memory:``), else the URL without its password."""
+        return _location(self.engine.url)
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A write transaction: commits when the block ends, rolls back if it raises (SQLite: BEGIN IMMEDIATE)."""
@@ -621,6 +633,27 @@ class Database:
         with self._read_sessions() as session, session.begin():
             yield session
 
+    @contextmanager
+    def _writing(self, session: Session | None) -> Iterator[Session]:
+        if session is not None:
+            yield session
+        else:
+            with self.session() as own:
+                yield own
+
+    def evidence_dir(self) -> Path:
+        """Where probe images go: ``evidence/`` beside a SQLite file, else ``.safeguard/evidence`` in the cwd."""
+        database = self.engine.url.database if self.dialect == "sqlite" else None
+        if database and database != ":memory:":
+            folder = Path(database).expanduser().resolve().parent / "evidence"
+        else:
+            folder = Path.cwd() / ".safeguard" / "evidence"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _missing(self, what: str, fix: str = "pick a run id from the list of recorded runs") -> AuditError:
+        return AuditError(f"{what} is not in the audit database", file=self.location, fix=fix)
+
     # runs
 
     def start_run(self, kind: str, *, policy: Any = None, policy_name: str | None = None,
@@ -629,7 +662,7 @@ class Database:
                   input_model_id: str | None = None, eraser_name: str | None = None,
                   eraser_version: str | None = None, eraser_params: Mapping[str, Any] | None = None,
                   seed: int | None = None, argv: Iterable[str] | None = None,
-                  versions: Mapping[str, Any] | None = None, username: str | None = None,
+                  versions: Mapping[str, Any] | None = None, user: str | None = None,
                   host: str | None = None) -> str:
         """Record a 'running' run and commit at once, so a crash leaves a visible running row; returns its id.
 
@@ -644,11 +677,12 @@ class Database:
             policy_text = policy_text if policy_text is not None else policy.text
             policy_canonical_json = policy_canonical_json or policy.canonical_json
         with self.session() as session:
-            for label, model, key in (("parent run", Run, parent_run_id), ("input model", Model, input_model_id)):
-                if key is not None and session.get(model, key) is None:
-                    raise AuditError(f"{label} {key} is not in the audit database", file=_location(self.engine.url))
+            if parent_run_id is not None and session.get(Run, parent_run_id) is None:
+                raise self._missing(f"parent run {parent_run_id}")
+            if input_model_id is not None and session.get(Model, input_model_id) is None:
+                raise self._missing(f"input model {input_model_id}", fix="record it with record_model first")
             run = Run(kind=kind, status="running", started_at=utc_now(),
-                      username=username if username is not None else _username(),
+                      user=user if user is not None else _username(),
                       host=host if host is not None else socket.gethostname(), pid=os.getpid(),
                       argv=json_value(list(argv if argv is not None else sys.argv), "argv"),
                       versions=json_value({**collect_versions(), **(versions or {})}, "versions"),
@@ -664,38 +698,39 @@ class Database:
                 "records": _records_payload(session, Run, [run.id])}, run.id)
             return run.id
 
-    def update_run(self, run_id: str, **fields: Any) -> None:
+    def update_run(self, run_id: str, *, session: Session | None = None, **fields: Any) -> None:
         """Set fields of a running run (models, eraser, seed; ``stats`` is merged into what is there)."""
         unknown = sorted(set(fields) - set(_UPDATABLE_RUN_FIELDS))
         if unknown:
             raise ValueError(f"cannot update {', '.join(unknown)}; updatable: {', '.join(_UPDATABLE_RUN_FIELDS)}")
-        with self.session() as session:
+        with self._writing(session) as session:
             run = self._running_run(session, run_id)
-            for model_field in ("input_model_id", "output_model_id"):
-                key = fields.get(model_field)
-                if key is not None and session.get(Model, key) is None:
-                    raise AuditError(f"model {key} is not in the audit database", file=_location(self.engine.url))
-            for name, value in fields.items():
-                if name == "stats":
-                    value = {**(run.stats or {}), **(json_document(value, "stats") or {})}
-                elif name == "eraser_params":
-                    value = json_document(value, name)
-                setattr(run, name, value)
+            self._set_run_fields(session, run, fields)
             append_event(session, "run.updated", {"fields": sorted(fields),
                                                   "records": _records_payload(session, Run, [run.id])}, run.id)
 
+    def _set_run_fields(self, session: Session, run: Run, fields: Mapping[str, Any]) -> None:
+        for name, value in fields.items():
+            if name in ("input_model_id", "output_model_id") and value is not None:
+                if session.get(Model, value) is None:
+                    raise self._missing(f"model {value}", fix="record it with record_model first")
+            if name == "stats":
+                value = {**(run.stats or {}), **(json_document(value, "stats") or {})}
+            elif name == "eraser_params":
+                value = json_document(value, name)
+            setattr(run, name, value)
+
     def finish_run(self, run_id: str, status: str, error: str | None = None,
-                   stats: Mapping[str, Any] | None = None, *, output_model_id: str | None = None) -> None:
+                   stats: Mapping[str, Any] | None = None, *, input_model_id: str | None = None,
+                   output_model_id: str | None = None, session: Session | None = None) -> None:
         """End a running run as 'done' or 'failed'; ``stats`` is merged into the run's stats."""
         if status not in ("done", "failed"):
             raise ValueError(f"a run finishes as 'done' or 'failed', not {status!r}")
-        with self.session() as session:
+        with self._writing(session) as session:
             run = self._running_run(session, run_id)
-            if output_model_id is not None:
-                if session.get(Model, output_model_id) is None:
-                    raise AuditError(f"model {output_model_id} is not in the audit database",
-                                     file=_location(self.engine.url))
-                run.output_model_id = output_model_id
+            models = {k: v for k, v in (("input_model_id", input_model_id), ("output_model_id", output_model_id))
+                      if v is not None}
+            self._set_run_fields(session, run, models)
             self._finish(session, run, status, error, stats)
 
     def _finish(self, session: Session, run: Run, status: str, error: str | None,
@@ -705,6 +740,21 @@ class Database:
             run.stats = {**(run.stats or {}), **(json_document(stats, "stats") or {})}
         append_event(session, "run.finished", {"status": status, "error": error,
                                                "records": _records_payload(session, Run, [run.id])}, run.id)
+
+    def reopen_run(self, run_id: str, *, session: Session | None = None) -> None:
+        """Set a failed (or crashed, still 'running') run running again in this process, to resume it."""
+        with self._writing(session) as session:
+            run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one_or_none()
+            if run is None:
+                raise self._missing(f"run {run_id}")
+            if run.status == "done":
+                raise AuditError(f"run {run_id} is done; there is nothing to resume", file=self.location,
+                                 fix="start a new run with this one as its parent")
+            previous = {"status": run.status, "error": run.error, "pid": run.pid, "host": run.host}
+            run.status, run.finished_at, run.error = "running", None, None
+            run.pid, run.host = os.getpid(), socket.gethostname()
+            append_event(session, "run.reopened", {"previous": previous,
+                                                   "records": _records_payload(session, Run, [run.id])}, run.id)
 
     def mark_stale_running_runs_failed(self, older_than: timedelta | None = None) -> list[str]:
         """Fail 'running' runs whose process on this host is gone, or (given ``older_than``) that started before
@@ -728,37 +778,39 @@ class Database:
     def _running_run(self, session: Session, run_id: str) -> Run:
         run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one_or_none()
         if run is None:
-            raise AuditError(f"run {run_id} is not in the audit database", file=_location(self.engine.url),
-                             fix="pick a run id from the list of recorded runs")
+            raise self._missing(f"run {run_id}")
         if run.status != "running":
             raise AuditError(f"run {run_id} has already finished ({run.status}); evidence is only added to a "
-                             "running run", file=_location(self.engine.url),
-                             fix="start a new run with this one as its parent")
+                             "running run", file=self.location, fix="start a new run with this one as its parent")
         return run
 
     # models
 
-    def record_model(self, source: str | os.PathLike, files: Iterable[Mapping[str, Any]], *,
-                     revision: str | None = None, role: str | None = None) -> str:
-        """Record a model by its files ({path, sha256, size}); returns the id, the existing one if already recorded."""
+    def record_model(self, path: str | os.PathLike, revision: str | None = None, role: str | None = None,
+                     files: Iterable[Mapping[str, Any]] = (), tree_sha256: str | None = None, *,
+                     session: Session | None = None) -> str:
+        """Record a model by its files ({path, sha256, size}); returns its id, the existing one if already recorded.
+
+        ``tree_sha256`` is the caller's hash over the file list (default: ``safeguard.db.tree_sha256(files)``).
+        """
         entries = model_file_list(files)
-        tree = tree_sha256(entries)
-        source = os.fspath(source)
-        with self.session() as session:
+        tree = tree_sha256 or _tree_sha256(entries)
+        path = os.fspath(path)
+        with self._writing(session) as session:
             model_id = _insert_ignoring_duplicates(session, Model, {
-                "id": new_id(), "source": source, "revision": revision, "role": role, "files": entries,
-                "tree_sha256": tree, "created_at": utc_now()}, ("tree_sha256", "source"))
+                "id": new_id(), "path": path, "revision": revision, "role": role, "files": entries,
+                "tree_sha256": tree, "created_at": utc_now()}, ("tree_sha256", "path"))
             if model_id is None:
-                return session.scalars(select(Model.id).where(Model.tree_sha256 == tree, Model.source == source)).one()
+                return session.scalars(select(Model.id).where(Model.tree_sha256 == tree, Model.path == path)).one()
             append_event(session, "model.recorded", {
-                "source": source, "revision": revision, "role": role, "tree_sha256": tree, "files": len(entries),
+                "path": path, "revision": revision, "role": role, "tree_sha256": tree, "files": len(entries),
                 "records": _records_payload(session, Model, [model_id])})
             return model_id
 
     # evidence
 
-    def _add_rows(self, run_id: str, model: type[Base], rows: Iterable[Any], event_name: str,
-                  label_field: str) -> list[int]:
+    def _add_rows(self, run_id: str, model: type[Base], rows: Iterable[Any], event_name: str, label_field: str,
+                  session: Session | None) -> list[int]:
         allowed = {attr.key for attr in model.__mapper__.column_attrs} - {"id", "run_id", "created_at"}
         prepared = []
         for i, row in enumerate(rows):
@@ -767,7 +819,7 @@ class Database:
             if unknown:
                 raise ValueError(f"{model.__tablename__}[{i}]: unknown field(s) {', '.join(unknown)}")
             prepared.append(_prepare_row(model, values, f"{model.__tablename__}[{i}]"))
-        with self.session() as session:
+        with self._writing(session) as session:
             self._running_run(session, run_id)
             objects = [model(run_id=run_id, **values) for values in prepared]
             session.add_all(objects)
@@ -778,57 +830,85 @@ class Database:
                                                    "records": _records_payload(session, model, ids)}, run_id)
             return ids
 
-    def add_concept_edits(self, run_id: str, edits: Iterable[Mapping[str, Any]]) -> list[int]:
-        """Record erased concepts ({concept, category, forget_prompts, retain_prompts, stats}) in one transaction."""
-        return self._add_rows(run_id, ConceptEdit, edits, "concept_edits.added", "concept")
+    def add_concept_edits(self, run_id: str, edits: Iterable[Mapping[str, Any]], *,
+                          session: Session | None = None) -> list[int]:
+        """Record erased concepts ({concept, category, forget_prompts, retain_prompts, stats})."""
+        return self._add_rows(run_id, ConceptEdit, edits, "concept_edits.added", "concept", session)
 
-    def add_layer_edits(self, run_id: str, edits: Iterable[Any]) -> list[int]:
-        """Record edited modules ({module, stats} or ``safeguard.erasers.LayerEdit``) in one transaction."""
-        return self._add_rows(run_id, LayerEdit, edits, "layer_edits.added", "module")
+    def add_layer_edits(self, run_id: str, edits: Iterable[Any], *, session: Session | None = None) -> list[int]:
+        """Record edited modules ({module, stats} or ``safeguard.erasers.LayerEdit``)."""
+        return self._add_rows(run_id, LayerEdit, edits, "layer_edits.added", "module", session)
 
-    def add_probe_result(self, run_id: str, *, probe: str, concept: str, status: str, n: int, hits: int,
+    def add_probe_result(self, run_id: str, *, probe: str, concept: str, status: str, n: int, hits: int | None,
                          rate: float | None = None, ci_low: float | None = None, ci_high: float | None = None,
                          threshold: float | None = None, details: Mapping[str, Any] | None = None,
                          judge_name: str | None = None, judge_version: str | None = None,
-                         judge_sha256: str | None = None) -> int:
+                         judge_sha256: str | None = None, session: Session | None = None) -> int:
         """Record one probe's result for one concept; ``rate`` defaults to hits / n."""
-        if status not in PROBE_STATUSES:
-            raise ValueError(f"probe status must be one of {', '.join(PROBE_STATUSES)}, not {status!r}")
-        if rate is None and n:
-            rate = hits / n
         values = dict(probe=probe, concept=concept, status=status, n=n, hits=hits, rate=rate, ci_low=ci_low,
                       ci_high=ci_high, threshold=threshold, details=details, judge_name=judge_name,
                       judge_version=judge_version, judge_sha256=judge_sha256)
-        with self.session() as session:
+        with self._writing(session) as session:
             self._running_run(session, run_id)
             if session.scalars(select(ProbeResult.id).where(ProbeResult.run_id == run_id, ProbeResult.probe == probe,
                                                             ProbeResult.concept == concept)).first() is not None:
-                raise AuditError(f"run {run_id} already has a {probe} result for {concept!r}",
-                                 file=_location(self.engine.url))
-            result = ProbeResult(run_id=run_id, **_prepare_row(ProbeResult, values, "probe_result"))
-            session.add(result)
-            session.flush()
-            append_event(session, "probe_result.added", {
-                "probe": probe, "concept": concept, "status": status, "n": n, "hits": hits,
-                "records": _records_payload(session, ProbeResult, [result.id])}, run_id)
-            return result.id
+                raise AuditError(f"run {run_id} already has a {probe} result for {concept!r}", file=self.location,
+                                 fix="use replace_probe_results to recompute a run's results")
+            return self._insert_probe_results(session, run_id, [values], "probe_result.added", {})[0]
+
+    def replace_probe_results(self, run_id: str, rows: Iterable[Mapping[str, Any]], *,
+                              session: Session | None = None) -> list[int]:
+        """Replace all of a running run's probe results with ``rows`` (as ``add_probe_result`` takes them)."""
+        rows = [dict(row) for row in rows]
+        with self._writing(session) as session:
+            self._running_run(session, run_id)
+            old = session.scalars(select(ProbeResult.id).where(ProbeResult.run_id == run_id)).all()
+            if old:
+                session.execute(delete(ProbeResult).where(ProbeResult.id.in_(old)))
+            removed = {str(key): None for key in old}  # a None digest records a deliberate deletion
+            return self._insert_probe_results(session, run_id, rows, "probe_results.replaced", removed)
+
+    def _insert_probe_results(self, session: Session, run_id: str, rows: list[dict[str, Any]], event_name: str,
+                              removed: dict[str, None]) -> list[int]:
+        allowed = {attr.key for attr in ProbeResult.__mapper__.column_attrs} - {"id", "run_id"}
+        objects = []
+        for i, values in enumerate(rows):
+            unknown = sorted(set(values) - allowed)
+            if unknown:
+                raise ValueError(f"probe_results[{i}]: unknown field(s) {', '.join(unknown)}")
+            if values.get("status") not in PROBE_STATUSES:
+                raise ValueError(f"probe_results[{i}]: status must be one of {', '.join(PROBE_STATUSES)}, "
+                                 f"not {values.get('status')!r}")
+            if values.get("rate") is None and values.get("n") and values.get("hits") is not None:
+                values = {**values, "rate": values["hits"] / values["n"]}
+            objects.append(ProbeResult(run_id=run_id, **_prepare_row(ProbeResult, values, f"probe_results[{i}]")))
+        session.add_all(objects)
+        session.flush()
+        records = _records_payload(session, ProbeResult, [obj.id for obj in objects])
+        records["probe_results"] = {**removed, **records["probe_results"]}
+        append_event(session, event_name, {
+            "results": [{"probe": obj.probe, "concept": obj.concept, "status": obj.status} for obj in objects],
+            "records": records}, run_id)
+        return [obj.id for obj in objects]
 
     def add_sample(self, run_id: str, *, probe: str, concept: str, model_role: str, prompt: str, seed: int,
                    image_path: str | os.PathLike | None = None, image_sha256: str | None = None,
-                   scores: Mapping[str, Any] | None = None, label: str | None = None) -> bool:
+                   scores: Mapping[str, Any] | None = None, label: str | None = None,
+                   session: Session | None = None) -> bool:
         """Record one judged sample; False (and nothing written) if its key is already recorded."""
         return self.add_samples(run_id, [dict(probe=probe, concept=concept, model_role=model_role, prompt=prompt,
                                               seed=seed, image_path=image_path, image_sha256=image_sha256,
-                                              scores=scores, label=label)]) == 1
+                                              scores=scores, label=label)], session=session) == 1
 
-    def add_samples(self, run_id: str, samples: Iterable[Mapping[str, Any]]) -> int:
-        """Record judged samples in one transaction, skipping keys already recorded; returns how many were new."""
+    def add_samples(self, run_id: str, samples: Iterable[Mapping[str, Any]], *,
+                    session: Session | None = None) -> int:
+        """Record judged samples, skipping keys already recorded; returns how many were new."""
         allowed = {"probe", "concept", "model_role", "prompt", "seed", "image_path", "image_sha256", "scores", "label"}
+        required = {"probe", "concept", "model_role", "prompt", "seed"}
         prepared = []
         for i, sample in enumerate(samples):
             values = dict(sample)
-            unknown, missing = sorted(set(values) - allowed), sorted({"probe", "concept", "model_role", "prompt",
-                                                                      "seed"} - set(values))
+            unknown, missing = sorted(set(values) - allowed), sorted(required - set(values))
             if unknown or missing:
                 raise ValueError(f"samples[{i}]: " + "; ".join(
                     part for part in (unknown and f"unknown field(s) {', '.join(unknown)}",
@@ -836,7 +916,7 @@ class Database:
             if values["model_role"] not in MODEL_ROLES:
                 raise ValueError(f"samples[{i}]: model_role must be one of {', '.join(MODEL_ROLES)}")
             prepared.append(_prepare_row(Sample, values, f"samples[{i}]"))
-        with self.session() as session:
+        with self._writing(session) as session:
             self._running_run(session, run_id)
             created_at = utc_now()
             ids = [sample_id for values in prepared
@@ -855,48 +935,51 @@ class Database:
                                    .where(Sample.run_id == run_id))
             return {tuple(row) for row in rows}
 
-    def add_gate_decision(self, run_id: str, *, verdict: str, exit_code: int,
-                          reasons: Iterable[Any] = ()) -> int:
-        """Record the gate's verdict for a run."""
-        with self.session() as session:
-            self._running_run(session, run_id)
-            decision = GateDecision(run_id=run_id, verdict=verdict, exit_code=exit_code,
+    def add_gate_decision(self, run_id: str, verdict: str, exit_code: int, reasons: Iterable[Any] = (), *,
+                          session: Session | None = None) -> int:
+        """Record the gate's verdict on a run (finished or not: the gate judges runs after they end)."""
+        with self._writing(session) as session:
+            if session.get(Run, run_id) is None:
+                raise self._missing(f"run {run_id}")
+            decision = GateDecision(run_id=run_id, verdict=verdict, exit_code=int(exit_code),
                                     reasons=json_value(list(reasons), "reasons"), created_at=utc_now())
             session.add(decision)
             session.flush()
             append_event(session, "gate_decision.added", {
-                "verdict": verdict, "exit_code": exit_code,
+                "verdict": verdict, "exit_code": int(exit_code),
                 "records": _records_payload(session, GateDecision, [decision.id])}, run_id)
             return decision.id
 
-    def record_event(self, event_name: str, payload: Any = None, run_id: str | None = None) -> int:
-        """Append a free-standing audit event in its own transaction; returns its seq."""
+    def record_event(self, event_name: str, payload: Any = None, run_id: str | None = None, *,
+                     session: Session | None = None) -> int:
+        """Append a free-standing audit event; returns its seq."""
         if isinstance(payload, Mapping) and "records" in payload:
             raise ValueError("the payload key 'records' is reserved for the digests of rows safeguard writes")
-        with self.session() as session:
+        with self._writing(session) as session:
             return append_event(session, event_name, payload, run_id).seq
 
-    # reading
+    # reading (plain dicts of column values, JSON-serialisable)
 
-    def get_run(self, run_id: str) -> Run:
-        """The run with this id or unique id prefix (column attributes only; see ``run_as_dict`` for the rest)."""
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """The run with this id or a unique prefix of it."""
         with self.read_session() as session:
-            return self._find_run(session, run_id)
+            return _columns(self._find_run(session, run_id))
 
-    def _find_run(self, session: Session, run_id: str) -> Run:
-        run = session.get(Run, run_id)
+    def _find_run(self, session: Session, run_id: str | None) -> Run:
+        run = session.get(Run, run_id) if run_id else None
         if run is None and run_id:
             pattern = run_id.upper().replace("\\", "").replace("%", "").replace("_", "") + "%"
             matches = session.scalars(select(Run).where(Run.id.like(pattern)).limit(2)).all()
             if len(matches) > 1:
-                raise AuditError(f"run id prefix {run_id!r} matches more than one run", fix="give more characters")
+                raise AuditError(f"run id prefix {run_id!r} matches more than one run", file=self.location,
+                                 fix="give more characters of the run id")
             run = matches[0] if matches else None
         if run is None:
-            raise AuditError(f"run {run_id} is not in the audit database", file=_location(self.engine.url),
-                             fix="pick a run id from the list of recorded runs")
+            raise self._missing(f"run {run_id}")
         return run
 
-    def list_runs(self, limit: int | None = 20, *, kind: str | None = None, status: str | None = None) -> list[Run]:
+    def list_runs(self, limit: int | None = 20, *, kind: str | None = None,
+                  status: str | None = None) -> list[dict[str, Any]]:
         """Recorded runs, newest first."""
         query = select(Run).order_by(Run.started_at.desc(), Run.id.desc()).limit(limit)
         if kind is not None:
@@ -904,7 +987,37 @@ class Database:
         if status is not None:
             query = query.where(Run.status == status)
         with self.read_session() as session:
-            return list(session.scalars(query))
+            return [_columns(run) for run in session.scalars(query)]
+
+    def child_runs(self, run_id: str) -> list[dict[str, Any]]:
+        """Runs whose parent is ``run_id``, oldest first."""
+        with self.read_session() as session:
+            query = select(Run).where(Run.parent_run_id == run_id).order_by(Run.started_at, Run.id)
+            return [_columns(run) for run in session.scalars(query)]
+
+    def run_models(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's input and output models, each with ``role`` "input" or "output" as it is for this run."""
+        with self.read_session() as session:
+            run = self._find_run(session, run_id)
+            return [{**_columns(model), "role": role}
+                    for role, model in (("input", run.input_model), ("output", run.output_model)) if model]
+
+    def _rows(self, model: type[Base], run_id: str) -> list[dict[str, Any]]:
+        with self.read_session() as session:
+            query = select(model).where(model.run_id == run_id).order_by(model.id)
+            return [_columns(row) for row in session.scalars(query)]
+
+    def samples(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's recorded samples, in recording order."""
+        return self._rows(Sample, run_id)
+
+    def probe_results(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's probe results."""
+        return self._rows(ProbeResult, run_id)
+
+    def gate_decisions(self, run_id: str) -> list[dict[str, Any]]:
+        """The gate's decisions on a run, oldest first."""
+        return self._rows(GateDecision, run_id)
 
     def list_events(self, run_id: str | None = None) -> list[dict[str, Any]]:
         """Audit events in chain order, all or one run's."""
@@ -919,31 +1032,33 @@ class Database:
         with self.read_session() as session:
             head = session.get(AuditHead, 1)
             if head is None:
-                raise AuditError("the audit_head row is missing", file=_location(self.engine.url),
+                raise AuditError("the audit_head row is missing", file=self.location,
                                  fix="run safeguard.audit.verify_chain and restore the database from a backup")
             return head.seq, head.row_hash
 
     def run_as_dict(self, run_id: str) -> dict[str, Any]:
-        """Everything recorded about a run, as JSON-serialisable data (for --json output and reports)."""
+        """Everything recorded about a run, JSON-serialisable: ``{"run": {...}, "input_model", "output_model",
+        "concept_edits", "layer_edits", "probe_results", "samples", "gate_decisions", "events", ...}``."""
         with self.read_session() as session:
             run = self._find_run(session, run_id)
             lineage, parent = [], run.parent
             while parent is not None and parent.id not in lineage:
                 lineage.append(parent.id)
                 parent = parent.parent
-            data = _columns(run)
-            data.update(
-                lineage=lineage,
-                input_model=_columns(run.input_model) if run.input_model else None,
-                output_model=_columns(run.output_model) if run.output_model else None,
-                children=list(session.scalars(select(Run.id).where(Run.parent_run_id == run.id).order_by(Run.id))),
-                concept_edits=[_columns(r) for r in run.concept_edits],
-                layer_edits=[_columns(r) for r in run.layer_edits],
-                probe_results=[_columns(r) for r in run.probe_results],
-                samples=[_columns(r) for r in run.samples],
-                gate_decisions=[_columns(r) for r in run.gate_decisions],
-                events=[_columns(e) for e in run.events],
-            )
+            data = {
+                "run": _columns(run),
+                "lineage": lineage,  # ancestors, nearest first
+                "children": list(session.scalars(select(Run.id).where(Run.parent_run_id == run.id)
+                                                 .order_by(Run.started_at, Run.id))),
+                "input_model": _columns(run.input_model) if run.input_model else None,
+                "output_model": _columns(run.output_model) if run.output_model else None,
+                "concept_edits": [_columns(r) for r in run.concept_edits],
+                "layer_edits": [_columns(r) for r in run.layer_edits],
+                "probe_results": [_columns(r) for r in run.probe_results],
+                "samples": [_columns(r) for r in run.samples],
+                "gate_decisions": [_columns(r) for r in run.gate_decisions],
+                "events": [_columns(e) for e in run.events],
+            }
             return json_value(data)
 
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, insert, select, text, update
 
-from safeguard.audit import (generate_signing_key, key_id, public_key_for, sign_head, verify_chain,
-                             verify_signature)
+from safeguard.audit import (SIGNED_HEAD_EVENT, generate_signing_key, key_id, public_key_for, sign_head,
+                             verify_chain, verify_signature)
 from safeguard.db import (AuditEvent, AuditHead, ConceptEdit, Database, GateDecision, LayerEdit, Model, ProbeResult,
                           Run, Sample, canonical_json, event_row_hash, open_db)
 from safeguard.errors import AuditError
@@ -34,8 +34,8 @@ class Populated:
 
 def populate(db: Database) -> Populated:
     """A realistic chain: a finished apply run with evidence, a failed probe run and free-standing events."""
-    model = db.record_model("/models/sd", [{"path": "unet.safetensors", "sha256": "ab" * 32, "size": 10}],
-                            role="original")
+    model = db.record_model("/models/sd", "main", "input",
+                            [{"path": "unet.safetensors", "sha256": "ab" * 32, "size": 10}])
     done = db.start_run("apply", input_model_id=model, eraser_name="uce", eraser_params={"lambda": 0.1}, seed=1)
     db.add_concept_edits(done, [{"concept": "pikachu", "category": "character", "forget_prompts": ["pikachu"],
                                  "retain_prompts": ["mario"]}])
@@ -43,11 +43,13 @@ def populate(db: Database) -> Populated:
     db.add_samples(done, [dict(probe="canonical", concept="pikachu", model_role=role, prompt="pikachu", seed=s,
                                image_sha256="cd" * 32, scores={"pikachu": 0.1 * s}, label="other")
                           for role in ("original", "edited") for s in range(3)])
-    db.add_probe_result(done, probe="canonical", concept="pikachu", status="pass", n=3, hits=0, ci_high=0.5,
-                        threshold=0.3)
+    db.replace_probe_results(done, [dict(probe=probe, concept="pikachu", status="fail", n=3, hits=2)
+                                    for probe in ("canonical", "paraphrase")])  # a first attempt, replaced
+    db.replace_probe_results(done, [dict(probe="canonical", concept="pikachu", status="pass", n=3, hits=0,
+                                         ci_high=0.5, threshold=0.3)])
     db.record_event("policy.override", {"threshold": 0.3, "by": "ci", "note": "élan ✓"}, done)
-    db.add_gate_decision(done, verdict="pass", exit_code=0, reasons=["ok"])
     db.finish_run(done, "done")
+    db.add_gate_decision(done, "pass", 0, ["ok"])
     failed = db.start_run("probe", parent_run_id=done)
     db.finish_run(failed, "failed", error="interrupted")
     db.record_event("audit.note", {"ok": True})
@@ -209,6 +211,11 @@ def _insert_gate_decision(connection, info):
         run_id=info.failed_run, verdict="pass", exit_code=0, reasons=[], created_at="2020-01-01T00:00:00.000000Z"))
 
 
+def _put_back_replaced_probe_result(connection, info):
+    connection.execute(insert(ProbeResult.__table__).values(
+        id=2, run_id=info.done_run, probe="paraphrase", concept="pikachu", status="pass", n=3, hits=0))
+
+
 def _insert_run(connection, info):
     connection.execute(insert(Run.__table__).values(
         id="01ZZZZZZZZZZZZZZZZZZZZZZZZ", kind="apply", status="done", started_at="2020-01-01T00:00:00.000000Z",
@@ -260,6 +267,7 @@ TAMPER_CASES = {
     "sample inserted": _insert_sample,
     "probe result hits changed": edit(ProbeResult, {"hits": 0, "status": "pass", "rate": 0.0, "n": 300}),
     "probe result deleted": remove(ProbeResult),
+    "replaced probe result put back": _put_back_replaced_probe_result,
     "gate verdict changed": edit(GateDecision, {"verdict": "fail", "exit_code": 10}),
     "gate decision inserted": _insert_gate_decision,
     "failed run marked done": lambda c, i: c.execute(update(Run.__table__).where(Run.__table__.c.id == i.failed_run)
@@ -303,7 +311,7 @@ def check_tamper_case(db: Database, name: str) -> None:
 def check_anchor_case(db: Database, name: str) -> None:
     private, public = generate_signing_key()
     info = populate(db)
-    anchor = sign_head(db, private)
+    anchor = sign_head(db, private, record=False)  # kept outside the database, e.g. as a CI artifact
     with db.engine.begin() as connection:
         drop_guards(connection)
         ANCHOR_CASES[name](connection, info)
@@ -316,7 +324,7 @@ def check_untouched_chain_verifies(db: Database) -> None:
     info = populate(db)
     result = verify_chain(db)
     assert result.ok and result.reason is None and result.first_broken_seq is None
-    assert result.checked == result.head_seq == info.last_seq == 12
+    assert result.checked == result.head_seq == info.last_seq == 13
     assert result.records_checked == 1 + 2 + 1 + 3 + 6 + 1 + 1  # model, runs, concept, layers, samples, probe, gate
     assert (result.head_seq, result.head_hash) == db.head()
 
@@ -383,14 +391,17 @@ def test_reformatted_json_is_not_tampering(db):
 def test_signed_head_round_trip(db):
     private, public = generate_signing_key()
     populate(db)
+    before = db.head()
     head = sign_head(db, private.hex())
-    assert (head["seq"], head["row_hash"]) == db.head()
+    assert (head["seq"], head["row_hash"]) == before
+    assert db.list_events()[-1]["event"] == SIGNED_HEAD_EVENT and db.list_events()[-1]["payload"] == head
     assert head["key_id"] == key_id(public) and head["public_key"] == public.hex()
     assert public_key_for(private) == public
     assert verify_signature(head, public) and verify_signature(head, public.hex())
-    assert verify_chain(db, anchor=head, public_key=public).ok
-    db.record_event("later")  # an anchor stays valid while the chain grows
-    assert verify_chain(db, anchor=head, public_key=public).ok
+    result = verify_chain(db, anchor=head, public_key=public)
+    assert result.ok and result.signatures_checked == 2  # the anchor and its copy in the chain
+    db.record_event("later")  # a signed head stays valid while the chain grows
+    assert verify_chain(db, public_key=public).ok
 
     other_private, other_public = generate_signing_key()
     assert not verify_signature(head, other_public)
@@ -399,9 +410,34 @@ def test_signed_head_round_trip(db):
         assert not verify_signature({**head, field: value}, public), field
     forged = {**head, "row_hash": "5" * 64}
     result = verify_chain(db, anchor=forged, public_key=public)
-    assert not result.ok and "signature" in result.reason
+    assert not result.ok and "signature of the anchored head does not verify" in result.reason
+    assert "no head in the chain is signed with key" in verify_chain(db, public_key=other_public).reason
     with pytest.raises(AuditError, match="32 bytes"):
         sign_head(db, b"short")
+
+
+def test_rewrite_before_a_signed_head_in_the_chain_is_caught(db):
+    info = populate(db)
+    sign_head(db, generate_signing_key()[0])
+    with db.engine.begin() as connection:  # rewrite up to the signed head, keeping the signed-head event
+        drop_guards(connection)
+        rewrite_from(connection, info.middle_seq, lambda row: {"event": "run.approved"})
+    result = verify_chain(db)  # no key needed: the recorded head no longer matches
+    assert not result.ok and f"differs from the head signed in event {info.last_seq + 1}" in result.reason
+
+
+def test_rewrite_that_drops_the_signed_heads_is_caught_with_the_key(db):
+    private, public = generate_signing_key()
+    info = populate(db)
+    sign_head(db, private)
+    with db.engine.begin() as connection:
+        drop_guards(connection)
+        connection.execute(delete(EVENTS).where(EVENTS.c.event == SIGNED_HEAD_EVENT))
+        set_head(connection, info.last_seq, event_row(connection, info.last_seq)["row_hash"])
+        rewrite_from(connection, info.middle_seq, lambda row: {"event": "run.approved"})
+    assert verify_chain(db).ok  # consistent again: only the key shows it
+    result = verify_chain(db, public_key=public)
+    assert not result.ok and "no head in the chain is signed with key" in result.reason
 
 
 def test_broken_chain_is_not_signed(db):

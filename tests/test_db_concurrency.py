@@ -23,8 +23,9 @@ def writer(url: str, worker: int, start, opened, errors) -> None:
     try:
         start.wait()  # every process opens, and so migrates, at the same moment
         with open_db(url) as db:
-            opened.wait(timeout=120)  # and then all write at once, so their transactions interleave
-            model = db.record_model("/models/shared", SHARED_MODEL)  # all processes race on one unique key
+            opened.wait(timeout=120)  # and then all write at once, competing for the lock
+            # every process records the same model: a race on one unique key
+            model = db.record_model("/models/shared", None, "input", SHARED_MODEL)
             for i in range(RUNS_PER_PROCESS):
                 run_id = db.start_run("probe", input_model_id=model, argv=[f"worker-{worker}", str(i)])
                 db.add_samples(run_id, [dict(probe="canonical", concept="cat", model_role="edited",

@@ -16,8 +16,9 @@ from safeguard.errors import AuditError
 from pg import PostgresUnavailable, start_postgres
 from test_audit_chain import (ANCHOR_CASES, TAMPER_CASES, check_anchor_case, check_tamper_case,
                               check_untouched_chain_verifies)
-from test_db import (check_atomic_writes, check_failed_run, check_model_records, check_run_life_cycle,
-                     check_sample_idempotency)
+from test_db import (check_atomic_writes, check_failed_run, check_model_records,
+                     check_one_transaction_for_several_writes, check_resume_and_replace_probe_results,
+                     check_run_life_cycle, check_sample_idempotency)
 from test_db_concurrency import run_writers
 from test_migrations import (check_downgrade_and_upgrade_again, check_guard_triggers, check_newer_schema_is_refused,
                              check_schema_matches_models)
@@ -94,6 +95,14 @@ def test_model_records_are_idempotent(db):
 
 def test_multi_row_writes_are_atomic(db):
     check_atomic_writes(db)
+
+
+def test_one_transaction_for_several_writes(db):
+    check_one_transaction_for_several_writes(db)
+
+
+def test_resume_and_replace_probe_results(db):
+    check_resume_and_replace_probe_results(db)
 
 
 def test_untouched_chain_verifies(db):
