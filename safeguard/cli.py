@@ -150,12 +150,11 @@ def runs_show(run_id, db_url, as_json):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--all", "include_builtin", is_flag=True, help="Include built-in plugins.")
-def plugins(as_json, include_builtin):
+def plugins(as_json):
     """List installed plugins (does not import torch)."""
     from .plugins import plugin_info
 
-    info = plugin_info(include_builtin=include_builtin or not as_json)
+    info = plugin_info(include_builtin=True)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

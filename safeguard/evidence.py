@@ -214,7 +214,7 @@ def report_data(db, run_id: str) -> dict:
         "verdict": {"verdict": decision.verdict, "exit_code": int(decision.exit_code), "reasons": decision.reasons},
         "concepts": concepts,
         "activation_screen": {"agreement": screen["agreement"], "rows": screen["rows"]} if screen and "rows" in screen else None,
-        "layers": db.layer_edits(apply_run["id"]),
+        "layers": [{"module": l["module"], "stats": l["stats"]} for l in db.run_as_dict(apply_run["id"])["layer_edits"]],
     }
 
 

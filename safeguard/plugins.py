@@ -1,7 +1,8 @@
 """The plugin manager: built-in plugins and setuptools entry points (group ``safeguard``) through one manager.
 
 ``SAFEGUARD_LOAD_PLUGINS`` restricts which third-party plugins load (comma-separated distribution or entry
-point names; empty loads none). Built-ins always load. Nothing here imports torch.
+point names; empty loads none). ``SAFEGUARD_PLUGINS_DIR`` names a folder whose ``*.py`` files load as
+plugins (handy for one-file, in-house plugins). Built-ins always load. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -52,9 +53,26 @@ def load_plugins() -> pluggy.PluginManager:
                 if ep.name in names or (ep.dist and ep.dist.name in names):
                     if pm.get_plugin(ep.name) is None:
                         pm.register(ep.load(), name=ep.name)
+    plugins_dir = os.environ.get("SAFEGUARD_PLUGINS_DIR")
+    if plugins_dir:
+        _load_plugins_dir(plugins_dir)
     # Reject hook implementations whose names match no hookspec (a misspelled hook).
     pm.check_pending()
     return pm
+
+
+def _load_plugins_dir(folder: str) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    for path in sorted(Path(folder).glob("*.py")):
+        name = f"safeguard_plugins_dir.{path.stem}"
+        if pm.get_plugin(name) is not None:
+            continue
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        pm.register(module, name=name)
 
 
 def _collect(hook_name: str) -> dict:

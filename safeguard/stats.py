@@ -23,3 +23,10 @@ def roc_auc(scores: list[float], labels: list[bool]) -> float | None:
         return None
     wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
     return wins / (len(pos) * len(neg))
+
+
+def min_samples_for(threshold: float, z: float = 1.959963984540054) -> int:
+    """Smallest n whose Wilson upper bound with zero hits is at most ``threshold``."""
+    if threshold <= 0:
+        raise ValueError("a zero threshold can never be shown with finite samples")
+    return math.ceil(z * z * (1 - threshold) / threshold - 1e-9)

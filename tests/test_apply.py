@@ -70,8 +70,8 @@ def test_apply_writes_loadable_model_and_complete_record(workspace, eraser):
     data = open_db().run_as_dict(outcome.run_id)
     run = data["run"]
     assert run["status"] == "done" and run["eraser_name"] == eraser and run["policy_sha256"]
-    assert {m["role"] for m in data["models"]} == {"input", "output"}
-    output_model = next(m for m in data["models"] if m["role"] == "output")
+    output_model = data["output_model"]
+    assert data["input_model"]["tree_sha256"] == hash_model_folder(workspace / "model").tree_sha256
     assert output_model["tree_sha256"] == hash_model_folder(out).tree_sha256
     assert len(data["layer_edits"]) == len([k for k in changed if k.endswith("to_k.weight")])
     assert data["concept_edits"][0]["concept"] == "pikachu"

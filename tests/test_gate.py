@@ -42,3 +42,11 @@ def test_roc_auc():
     assert roc_auc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
     assert roc_auc([0.5, 0.5], [True, False]) == 0.5
     assert roc_auc([0.1], [True]) is None
+
+
+def test_min_samples_for():
+    from safeguard.stats import min_samples_for
+
+    for t in (0.05, 0.1, 0.2, 0.5):
+        n = min_samples_for(t)
+        assert wilson_interval(0, n)[1] <= t < wilson_interval(0, n - 1)[1]
