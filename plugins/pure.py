@@ -37,6 +37,13 @@ class PureParams(BaseModel):
         description="cumulative-variance threshold: keep the fewest right-singular directions whose squared "
                     "singular values reach this fraction of the total (per layer, for F and R alike)",
     )
+    # The forget and retain subspaces may use their own thresholds (default: tau for both). On the embedded
+    # world model a concept's value directions are spread over many small singular directions of the
+    # mean-pooled forget activations: keeping all of them (tau_forget 1.0) with a compact retain basis
+    # (tau_retain 0.95) removed Pikachu, Van Gogh and blood splatter while every neighbour and concepts in
+    # no anchor set stayed recognised; tau 0.5-0.999 for both removed nothing (see the model card).
+    tau_forget: float | None = Field(None, gt=0, le=1, description="threshold for the forget subspace (default: tau)")
+    tau_retain: float | None = Field(None, gt=0, le=1, description="threshold for the retain subspace (default: tau)")
     steps: int = Field(6, ge=1, description="denoising steps per anchor trajectory")
     seeds: int = Field(2, ge=1, description="starting latents per anchor (seeds request.seed, request.seed + 1, ...)")
     guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance during capture; rows come from the conditional branch")
@@ -216,8 +223,8 @@ class PureEraser:
                 rows_forget = H_F[path]
                 width = rows_forget.shape[1]
                 rows_retain = H_R[path] if retain_prompts else torch.zeros(0, width)
-                V_F = subspace_basis(rows_forget, params.tau, params.center, params.max_rank)
-                V_R = subspace_basis(rows_retain, params.tau, params.center, params.max_rank)
+                V_F = subspace_basis(rows_forget, params.tau_forget or params.tau, params.center, params.max_rank)
+                V_R = subspace_basis(rows_retain, params.tau_retain or params.tau, params.center, params.max_rank)
                 E = erasure_operator(V_F, V_R)
 
                 stats: dict[str, Any] = {

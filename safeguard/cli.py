@@ -303,13 +303,58 @@ def audit_verify(db_url, public_key):
     """Recompute the audit hash chain and report the first broken link."""
     from .audit import verify_chain
     from .db import open_db
+    from .export import read_key_file
 
-    result = verify_chain(open_db(db_url))
+    key = read_key_file(public_key) if public_key else None
+    result = verify_chain(open_db(db_url), public_key=key)
     if result.ok:
-        click.echo(f"OK: {result.checked} audit events, chain intact")
+        signed = f", {result.signatures_checked} signed head(s) verified" if key else ""
+        click.echo(f"OK: {result.checked} audit events, chain intact{signed}")
         return
     click.echo(f"BROKEN at event {result.first_broken_seq}: {result.reason} ({result.checked} events checked)")
     sys.exit(1)
+
+
+@audit_group.command("keygen")
+@click.option("--out", "key_file", type=click.Path(dir_okay=False), required=True,
+              help="Private key file to create (mode 0600); the public key goes to KEYFILE.pub.")
+def audit_keygen(key_file):
+    """Create an ed25519 key pair for signing the audit chain head."""
+    from .export import write_key_pair
+
+    kid, private_path, public_path = write_key_pair(key_file)
+    click.echo(f"key {kid}: private key {private_path} (keep it secret), public key {public_path}")
+
+
+@audit_group.command("sign")
+@DB_OPTION
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, exists=True), required=True,
+              help="ed25519 private key file (from 'audit keygen').")
+def audit_sign(db_url, key_file):
+    """Verify the chain, sign its head and record the signature in the chain."""
+    from .audit import sign_head
+    from .db import open_db
+    from .export import read_key_file
+
+    head = sign_head(open_db(db_url), read_key_file(key_file))
+    click.echo(f"signed head seq {head['seq']} {head['row_hash']} with key {head['key_id']}")
+
+
+@audit_group.command("export")
+@click.argument("run_id")
+@DB_OPTION
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Bundle folder to create.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Also sign the chain head with this ed25519 private key file.")
+def audit_export(run_id, db_url, out_dir, key_file):
+    """Write an evidence bundle for RUN_ID: reports, policy, hashes, environment, chain and manifest."""
+    from .db import open_db
+    from .export import export_bundle, read_key_file
+
+    key = read_key_file(key_file) if key_file else None
+    bundle = export_bundle(open_db(db_url), run_id, out_dir, key_bytes=key)
+    click.echo(f"wrote evidence bundle {bundle}")
+
 
 def _register_plugin_commands():
     from .plugins import load_plugins

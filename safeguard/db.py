@@ -155,8 +155,12 @@ def event_row_hash(prev_hash: str, seq: int, run_id: str | None, event_name: str
 
 
 def record_digest(row: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of one database row (column name to value)."""
-    return hashlib.sha256(canonical_json(dict(row)).encode("utf-8")).hexdigest()
+    """sha256 of the canonical JSON of one database row (column name to value).
+
+    NULL columns are left out, so a column added by a later migration (NULL in old rows) leaves the digests
+    recorded before it existed valid.
+    """
+    return hashlib.sha256(canonical_json({k: v for k, v in dict(row).items() if v is not None}).encode("utf-8")).hexdigest()
 
 
 def tree_sha256(files: Iterable[Mapping[str, Any]]) -> str:
@@ -226,6 +230,7 @@ class Run(Base):
     policy_name: Mapped[str | None] = mapped_column(String(255))
     policy_sha256: Mapped[str | None] = mapped_column(String(64))
     policy_text: Mapped[str | None] = mapped_column(Text)
+    policy_path: Mapped[str | None] = mapped_column(Text)
     policy_canonical_json: Mapped[str | None] = mapped_column(Text)
     parent_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), index=True)
     input_model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"))
@@ -675,6 +680,7 @@ class Database:
             policy_name = policy_name or policy.policy.name
             policy_sha256 = policy_sha256 or policy.sha256
             policy_text = policy_text if policy_text is not None else policy.text
+            policy_path = str(getattr(policy, "path", "") or "") or None
             policy_canonical_json = policy_canonical_json or policy.canonical_json
         with self.session() as session:
             if parent_run_id is not None and session.get(Run, parent_run_id) is None:
@@ -687,6 +693,7 @@ class Database:
                       argv=json_value(list(argv if argv is not None else sys.argv), "argv"),
                       versions=json_value({**collect_versions(), **(versions or {})}, "versions"),
                       policy_name=policy_name, policy_sha256=policy_sha256, policy_text=policy_text,
+                      policy_path=policy_path if policy is not None else None,
                       policy_canonical_json=policy_canonical_json, parent_run_id=parent_run_id,
                       input_model_id=input_model_id, eraser_name=eraser_name, eraser_version=eraser_version,
                       eraser_params=json_document(eraser_params, "eraser_params"), seed=seed)

@@ -5,6 +5,7 @@ only when complete, so an interrupted write never leaves a partial model at the 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -214,12 +215,13 @@ def write_pipeline_atomically(pipe, out_dir: Path, *, originals: dict | None, re
 def clean_partial_outputs(out_dir: Path) -> list[Path]:
     """Remove leftovers of writes that were killed (hidden .partial-/.old- folders beside out_dir)."""
     out_dir = Path(out_dir).resolve()
+    name = glob.escape(out_dir.name)  # "model[v2]" must match itself, not the character class [v2]
     removed = []
     if out_dir.parent.exists():
-        for p in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        for p in out_dir.parent.glob(f".{name}.partial-*"):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
-        for p in out_dir.parent.glob(f".{out_dir.name}.old-*"):
+        for p in out_dir.parent.glob(f".{name}.old-*"):
             if not out_dir.exists() and (p / "model").exists():
                 os.rename(p / "model", out_dir)  # killed between the two renames: put the old model back
             shutil.rmtree(p, ignore_errors=True)

@@ -13,7 +13,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import delete, insert, inspect, text, update
+from sqlalchemy import create_engine, delete, insert, inspect, text, update
 
 from safeguard.db import (GENESIS_HASH, AuditEvent, AuditHead, Base, Database, alembic_config, migrations_folder,
                           open_db, schema_head)
@@ -39,9 +39,9 @@ def check_newer_schema_is_refused(db: Database, url: str) -> None:
     db.close()
     with pytest.raises(AuditError) as raised:
         open_db(url)
-    assert raised.value.message == "database schema 9999_future is newer than this safeguard (0001)"
+    assert raised.value.message == "database schema 9999_future is newer than this safeguard (0002)"
     assert raised.value.fix == "upgrade safeguard"
-    assert str(raised.value).endswith("database schema 9999_future is newer than this safeguard (0001) "
+    assert str(raised.value).endswith("database schema 9999_future is newer than this safeguard (0002) "
                                       "(fix: upgrade safeguard)")
 
 
@@ -170,5 +170,25 @@ def test_migrations_load_from_the_installed_package(tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 0, f"safeguard.migrations is not importable (pip install -e .):\n{done.stderr}"
-    assert done.stdout.split() == ["0001", "0"]
+    assert done.stdout.split() == ["0002", "0"]
     assert migrations_folder().name == "migrations"
+
+
+def test_a_0001_database_upgrades_to_head_keeping_its_rows(tmp_path):
+    """A database written by the first schema gains the new columns on open and keeps every row."""
+    from alembic import command
+
+    from safeguard.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0001")
+    with create_engine(url).begin() as connection:
+        columns = {row[1] for row in connection.execute(text("PRAGMA table_info(runs)"))}
+        assert "policy_path" not in columns
+        connection.execute(text("INSERT INTO runs (id, kind, status, started_at, argv, versions) "
+                                "VALUES ('R1', 'apply', 'failed', '2026-01-01T00:00:00Z', '[]', '{}')"))
+    db = open_db(url)
+    assert db.get_run("R1")["status"] == "failed"
+    assert db.get_run("R1")["policy_path"] is None
+    with db.engine.connect() as connection:
+        assert MigrationContext.configure(connection).get_current_heads() == (schema_head(),)

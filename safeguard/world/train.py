@@ -342,9 +342,10 @@ def stage_assemble(work: Path, unet_dir: str = "unet") -> None:
 
     out = assets.PIPELINE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    UNet2DConditionModel.from_pretrained(work / unet_dir).half().save_pretrained(out / "unet")
+    # Shards keep every committed file small; diffusers loads sharded folders transparently.
+    UNet2DConditionModel.from_pretrained(work / unet_dir).half().save_pretrained(out / "unet", max_shard_size="4MB")
     AutoencoderKL.from_pretrained(work / "vae").half().save_pretrained(out / "vae")
-    DPMSolverMultistepScheduler(**scheduler_config()).save_pretrained(out / "scheduler")
+    DPMSolverMultistepScheduler(**scheduler_config(), steps_offset=1).save_pretrained(out / "scheduler")
     tokenizer, _ = assets.load_text_encoder()
     tokenizer.save_pretrained(out / "tokenizer")
     (out / "text_encoder").mkdir(exist_ok=True)
@@ -374,15 +375,19 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-steps", type=int, default=6000)
     ap.add_argument("--judge-steps", type=int, default=800)
     ap.add_argument("--stop-after", default=None)
+    ap.add_argument("--only", default=None, help="run just this stage (its inputs must exist)")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    LOG = args.work / "train.log"
+    LOG = args.work / (f"train-{args.only}.log" if args.only else "train.log")
     stages = [("data", lambda: stage_data(args.work, args.scenes)), ("text", lambda: stage_text(args.work)),
               ("vae", lambda: stage_vae(args.work, args.vae_steps)), ("latents", lambda: stage_latents(args.work)),
               ("unet", lambda: stage_unet(args.work, args.unet_steps)),
               ("judge", lambda: stage_judge(args.work, args.judge_steps)), ("assemble", lambda: stage_assemble(args.work))]
     for name, run in stages:
+        if args.only and name != args.only:
+            continue
         run()
         if name == args.stop_after:
             break
