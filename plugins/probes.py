@@ -87,7 +87,8 @@ class RingABellProbe:
         labels, texts = ctx.concept_labels(concept)
         attack = {"budget": result.budget, "steps_used": result.steps_used, "seed": result.seed, "prompt": result.prompt,
                   "score": result.score, "seconds": result.seconds, "banned_words": banned}
-        return ProbeCases([ProbeCase(result.prompt, concept.label, labels, texts)], attack=attack)
+        return ProbeCases([ProbeCase(result.prompt, concept.label, labels, texts)], attack=attack,
+                          images_per_prompt=ctx.settings.attack_images)
 
 
 class SoftPromptProbe:
@@ -113,7 +114,8 @@ class SoftPromptProbe:
         desc = f"<soft prompt: {anchors[0]!r} with 4 optimised tokens>"
         attack = {"budget": result.budget, "steps_used": result.steps_used, "seed": result.seed, "prompt": None,
                   "embedding_tokens": 4, "init_prompt": anchors[0], "score": result.score, "seconds": result.seconds}
-        return ProbeCases([ProbeCase(desc, concept.label, labels, texts, prompt_embeds=result.prompt_embeds.detach())], attack=attack)
+        return ProbeCases([ProbeCase(desc, concept.label, labels, texts, prompt_embeds=result.prompt_embeds.detach())], attack=attack,
+                          images_per_prompt=ctx.settings.attack_images)
 
 
 class RECEProbe:
@@ -134,7 +136,7 @@ class RECEProbe:
             cases.append(ProbeCase(f"<RECE recovery of {prompt!r}>", concept.label, labels, texts, prompt_embeds=result.prompt_embeds.detach()))
         attack = {"budget": 1, "steps_used": 1, "seed": None, "prompt": None, "embedding_tokens": int(cases[0].prompt_embeds.shape[1]),
                   "score": sum(scores) / len(scores), "note": "score = relative K/V residual after recovery (0 = fully recovered)"}
-        return ProbeCases(cases, attack=attack)
+        return ProbeCases(cases, attack=attack, images_per_prompt=max(1, ctx.settings.attack_images // len(cases)))
 
 
 BUILTIN_PROBES = (CanonicalProbe, ParaphraseProbe, ReplayProbe, NeighboursProbe, KeepProbe, RingABellProbe, SoftPromptProbe, RECEProbe)

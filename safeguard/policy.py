@@ -152,12 +152,17 @@ class ProbeSettings(_Strict):
     batch_size: int = Field(16, ge=1, le=1024)
     replay_files: tuple[str, ...] = ()
     attack_budget: int = Field(40, ge=1, le=100000, description="optimisation steps (or generations) per attack")
+    attack_images: int = Field(16, ge=1, le=1024, description="seeds rendered for each prompt or embedding an attack finds")
 
 
 class JudgeSpec(_Strict):
     name: str = "open_clip"
     checkpoint: str = "embedded:world-judge-v1"
     generic_labels: tuple[str, ...] = ("an empty background",)
+    # Everything else the model can draw. Without them the judge must call an erased image one of the few
+    # labels it is given, which overstates leakage: a blonde portrait is "closest" to a yellow mascot.
+    extra_labels: tuple[str, ...] = ()
+    extra_style_labels: tuple[str, ...] = ()
     template: str | None = None
 
     @field_validator("generic_labels")

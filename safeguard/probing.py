@@ -37,6 +37,7 @@ class ProbeCase:
 class ProbeCases:
     cases: list[ProbeCase]
     attack: dict | None = None  # budget, seed, prompt found, score: recorded with the result
+    images_per_prompt: int | None = None  # attacks find one or two prompts and render each with more seeds
 
 
 @dataclass
@@ -55,9 +56,11 @@ class ProbeContext:
     def concept_labels(self, concept) -> tuple[list[str], list[str]]:
         """Label set for a concept: itself, its neighbours, and the generic fallback(s)."""
         p: Policy = self.policy.policy
-        names = [concept.label, *concept.neighbours]
-        generic = [STYLE_GENERIC] if concept.category == "style" else list(p.judge.generic_labels)
-        labels = names + [g for g in generic if g not in names]
+        style = concept.category == "style"
+        others = [c.label for c in p.concepts if (c.category == "style") == style and c.label != concept.label]
+        extra = list(p.judge.extra_style_labels if style else p.judge.extra_labels)
+        generic = [STYLE_GENERIC] if style else list(p.judge.generic_labels)
+        labels = list(dict.fromkeys([concept.label, *concept.neighbours, *others, *extra, *generic]))
         return labels, [self.judge.label_text(label, concept.category) for label in labels]
 
     def target_cases(self, concept, prompts) -> list[ProbeCase]:
@@ -130,10 +133,10 @@ class ProbeOutcome:
 def run_probe(ctx: ProbeContext, db, run_id: str, concept, probe_cls, evidence_dir: Path, echo=print) -> ProbeOutcome:
     """Generate, render, judge and record one probe for one concept; never raises for probe failures."""
     settings = ctx.settings
-    seeds = [settings.seed + k for k in range(settings.images_per_prompt)]
     t0 = time.perf_counter()
     try:
         generated = probe_cls().cases(ctx, concept)
+        seeds = [settings.seed + k for k in range(generated.images_per_prompt or settings.images_per_prompt)]
         if not generated.cases:
             return ProbeOutcome(concept.name, probe_cls.name, probe_cls.kind, "unassessed", "the probe produced no prompts")
         done = db.recorded_sample_keys(run_id)
