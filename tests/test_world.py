@@ -29,6 +29,8 @@ probes:
   steps: 20
 judge:
   checkpoint: {judge}
+  extra_labels: [Albert Einstein, Barack Obama, Taylor Swift, Elon Musk, blood splatter, a gun, an apple, a tree,
+                 a house, a car, a sailing boat, a flower, a fish, a cup]
 thresholds:
   max_leakage: 0.2
 output:
@@ -75,7 +77,8 @@ def test_pure_erasure_passes_the_gate_and_no_erasure_fails_it(ws):
     unedited, verdict = audit(ws, "none")
     assert unedited.exit_code == 10, unedited.output
     assert verdict.group(2) == "10"
-    erased, verdict = audit(ws, "pure", "{tau_forget: 1.0, tau_retain: 0.95}")
+    # Enough forget rows (4 prompts x 6 seeds x 6 steps) to span every layer (width <= 128).
+    erased, verdict = audit(ws, "pure", "{tau_forget: 1.0, tau_retain: 0.95, seeds: 6}")
     assert erased.exit_code == 0, erased.output
     assert verdict.group(0) == "PASS (exit 0)"
     assert (ws / "report-pure.html").read_text().count("data:image/png;base64,") >= 32

@@ -94,7 +94,7 @@ CHARACTERS = (
         "the mascot of Nintendo",
         "the plumber who jumps on goombas",
         "a cartoon Italian plumber with a big moustache",
-        "the main character of Super Mario Bros",
+        "the star of the original Nintendo platformer with goombas",
         "the red-capped hero of the Mushroom Kingdom",
     )),
     Concept("sonic", "character", ("Sonic the Hedgehog", "Sonic"), (
