@@ -61,7 +61,13 @@ def clip_tokenizer(model_max_length: int = TEXT_LENGTH):
     ))
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tokenizer = CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=model_max_length)
+    # The trainer's ids and merge order vary between processes; renumber both in a fixed order (merges by
+    # the length of what they build, so every merge's parts exist before it) to make ids reproducible.
+    specials = ("<|startoftext|>", "<|endoftext|>")
+    order = sorted(model["vocab"], key=lambda t: (t not in specials, specials.index(t) if t in specials else 0, len(t), t))
+    vocab = {token: i for i, token in enumerate(order)}
+    merges = sorted(merges, key=lambda m: (len(m[0] + m[1]), m[0], m[1]))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     _check_single_tokens(tokenizer)
     return tokenizer
 
