@@ -74,6 +74,7 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
     if isinstance(source, Path):
         modelio.check_model_folder(source, allow_pickle or policy.model.allow_pickle)
     db = open_db(db_url)
+    db.mark_stale_running_runs_failed()  # runs whose process was killed show as failed, not running forever
     parent_record = modelio.read_edit_record(source) if isinstance(source, Path) else None
     run_id = db.start_run(kind="apply", policy=loaded, argv=argv(), versions=package_versions(), **actor(),
                           eraser_name=plan.eraser_cls.name, eraser_version=plan.eraser_cls.version,
