@@ -5,10 +5,10 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import standin_plugins
 from safeguard import hookimpl
 from safeguard.cli import cli
 from safeguard.plugins import pm
@@ -42,83 +42,6 @@ output:
 """
 
 
-class _Judge:
-    version = "test"
-    sha256 = "0" * 64
-
-    def __init__(self, checkpoint, template=None, base_dir=None):
-        pass
-
-    def label_text(self, label, category):
-        return label
-
-    def image_features(self, images):
-        return np.ones((len(images), 2)) / np.sqrt(2)
-
-
-class AlwaysTargetJudge(_Judge):
-    """Sees the banned concept in every image (worst case leakage)."""
-    name = "always-target"
-
-    def classify(self, images, label_texts):
-        probs = np.zeros((len(images), len(label_texts)))
-        probs[:, 0] = 1
-        return probs, self.image_features(images)
-
-
-class NeverTargetJudge(_Judge):
-    """Sees only the generic label."""
-    name = "never-target"
-
-    def classify(self, images, label_texts):
-        probs = np.zeros((len(images), len(label_texts)))
-        probs[:, -1] = 1
-        return probs, self.image_features(images)
-
-
-class CrashingJudge(_Judge):
-    name = "crashing"
-
-    def classify(self, images, label_texts):
-        raise RuntimeError("judge process died")
-
-
-STANDIN_JUDGE_PLUGIN = '''
-import numpy as np
-from safeguard import hookimpl
-
-
-class NeverTargetJudge:
-    name, version, sha256 = "never-target", "test", "0" * 64
-
-    def __init__(self, checkpoint, template=None, base_dir=None):
-        pass
-
-    def label_text(self, label, category):
-        return label
-
-    def image_features(self, images):
-        return np.ones((len(images), 2)) / np.sqrt(2)
-
-    def classify(self, images, label_texts):
-        probs = np.zeros((len(images), len(label_texts)))
-        probs[:, -1] = 1
-        return probs, self.image_features(images)
-
-
-@hookimpl
-def register_judges(register):
-    register(NeverTargetJudge)
-'''
-
-
-class _TestJudges:
-    @hookimpl
-    def register_judges(self, register):
-        for judge in (AlwaysTargetJudge, NeverTargetJudge, CrashingJudge):
-            register(judge)
-
-
 @pytest.fixture
 def ws(tmp_path, tiny_pipeline_root, monkeypatch):
     from fixtures import tiny_pipeline_dir
@@ -126,8 +49,7 @@ def ws(tmp_path, tiny_pipeline_root, monkeypatch):
     shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), tmp_path / "model")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
-    plugin = _TestJudges()
-    pm.register(plugin, name="test-judges")
+    pm.register(standin_plugins, name="test-judges")
     try:
         yield tmp_path
     finally:
@@ -209,7 +131,7 @@ def test_probe_killed_mid_samples_resumes_without_redoing_them(ws):
     # The child process gets the stand-in judge as a one-file plugin.
     plugins_dir = ws / "plugins"
     plugins_dir.mkdir()
-    (plugins_dir / "judges.py").write_text(STANDIN_JUDGE_PLUGIN)
+    shutil.copy(standin_plugins.__file__, plugins_dir / "judges.py")
     env = {**os.environ, "SAFEGUARD_CRASH_AT": "probe:mid-samples", "SAFEGUARD_PLUGINS_DIR": str(plugins_dir)}
     killed = subprocess.run([sys.executable, "-m", "safeguard", "probe", run_id], env=env, capture_output=True, text=True,
                             cwd=ws)
@@ -268,8 +190,7 @@ def test_plugins_json_lists_builtins_without_importing_torch():
 def test_misspelled_hook_is_rejected():
     import pluggy
 
-    from safeguard import hookimpl
-
+    
     class Typo:
         @hookimpl
         def register_eraser(self, register):  # missing "s"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import standin_plugins
 from safeguard.faults import CRASH_POINTS
 
 APPLY_POINTS = tuple(p for p in CRASH_POINTS if p.startswith(("apply:", "write:")))
@@ -60,49 +61,8 @@ output:
   dir: {out}
 """
 
-STANDIN_PLUGIN = '''
-import numpy as np
-from pydantic import BaseModel, ConfigDict
-from safeguard import hookimpl
-
-
-class NeverTargetJudge:
-    name, version, sha256 = "never-target", "test", "0" * 64
-
-    def __init__(self, checkpoint, template=None, base_dir=None):
-        pass
-
-    def label_text(self, label, category):
-        return label
-
-    def image_features(self, images):
-        return np.ones((len(images), 2)) / np.sqrt(2)
-
-    def classify(self, images, label_texts):
-        probs = np.zeros((len(images), len(label_texts)))
-        probs[:, -1] = 1
-        return probs, self.image_features(images)
-
-
-class ExplodingEraser:
-    name, version, kind = "exploding", "1", "weights"
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    def erase(self, pipe, request, params):
-        raise RuntimeError("eraser blew up mid-edit")
-
-
-@hookimpl
-def register_judges(register):
-    register(NeverTargetJudge)
-
-
-@hookimpl
-def register_erasers(register):
-    register(ExplodingEraser)
-'''
+# The children load the shared stand-in plugins as a one-file plugin.
+STANDIN_PLUGIN = Path(standin_plugins.__file__).read_text()
 
 
 class CrashCheckFailed(AssertionError):

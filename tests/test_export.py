@@ -7,11 +7,10 @@ import shutil
 import stat
 import subprocess
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from safeguard import hookimpl
+import standin_plugins
 from safeguard.audit import generate_signing_key, key_id, verify_signature
 from safeguard.cli import cli
 from safeguard.db import GENESIS_HASH, event_row_hash, open_db
@@ -32,33 +31,9 @@ POLICY = (
     "    neighbours: [mario]\r\n"
     "probes:\r\n  kinds: [canonical]\r\n  images_per_prompt: 1\r\n  steps: 2\r\n  max_prompts: 2\r\n"
     "thresholds:\r\n  max_leakage: 0.8\r\n"
-    "judge:\r\n  name: export-never-target\r\n  checkpoint: none\r\n"
+    "judge:\r\n  name: never-target\r\n  checkpoint: none\r\n"
     "output:\r\n  dir: edited\r\n"
 ).encode("utf-8")
-
-
-class NeverTargetJudge:
-    name, version, sha256 = "export-never-target", "test", "0" * 64
-
-    def __init__(self, checkpoint, template=None, base_dir=None):
-        pass
-
-    def label_text(self, label, category):
-        return label
-
-    def image_features(self, images):
-        return np.ones((len(images), 2)) / np.sqrt(2)
-
-    def classify(self, images, label_texts):
-        probs = np.zeros((len(images), len(label_texts)))
-        probs[:, -1] = 1
-        return probs, self.image_features(images)
-
-
-class _Judges:
-    @hookimpl
-    def register_judges(self, register):
-        register(NeverTargetJudge)
 
 
 def invoke(*args):
@@ -74,7 +49,7 @@ def audited(tmp_path_factory, tiny_pipeline_root):
     shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), root / "model")
     (root / "policy.yaml").write_bytes(POLICY)
     url = f"sqlite:///{root / 'audit.db'}"
-    pm.register(_Judges(), name="export-test-judges")
+    pm.register(standin_plugins, name="export-test-judges")
     try:
         applied = invoke("apply", root / "policy.yaml", "--db", url)
         assert applied.exit_code == 0, applied.output
