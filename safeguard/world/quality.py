@@ -1,7 +1,9 @@
 """Measure the embedded world model and print a table: judge accuracy on fresh renders, and how often the
 unedited model renders the prompted concept for canonical prompts and held-out paraphrases.
 
-    python -m safeguard.world.quality [--images 4] [--steps 25] [--grid grid.png]
+    python -m safeguard.world.quality [--images 4] [--steps 25] [--seed 0] [--grid grid.png]
+
+Exits 1 when a bar the model is built to meet is missed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from .data import STYLE_KEYS, SUBJECT_KEYS
 from .render import render
 
 CATEGORY_ORDER = ("style", "character", "person", "unsafe", "object")
+# The bars the embedded model is built to meet (its model card quotes the measured values).
+JUDGE_BAR, CANONICAL_BAR, PARAPHRASE_BAR = 0.95, 0.80, 0.50
 
 
 def load_judge():
@@ -101,6 +105,7 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=4, help="images per prompt")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0, help="first sampling seed (images use seed .. seed+images-1)")
     ap.add_argument("--grid", default=None, help="also write a PNG grid of generated images")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -109,25 +114,34 @@ def main(argv=None):
     acc = judge_accuracy(judge)
     print(f"judge top-1 accuracy on fresh renders (n={acc['n']}): subject {acc['subject']:.3f}, style {acc['style']:.3f}")
     pipe = load_pipeline("embedded:world-v1")
-    print(f"\nunedited model, {args.steps} steps, guidance {args.guidance}, {args.images} images per prompt")
+    print(f"\nunedited model, {args.steps} steps, guidance {args.guidance}, {args.images} images per prompt, seeds from {args.seed}")
     print(f"{'concept':<22}{'category':<11}{'canonical':>10}{'paraphrase':>12}")
     by_cat: dict = {}
     for concept in [c for c in C.ALL if c.key != "empty"]:
-        canon = recognition(pipe, judge, canonical_prompts(concept), concept, args.images, args.steps, args.guidance)
-        para = recognition(pipe, judge, list(concept.paraphrases), concept, args.images, args.steps, args.guidance) if concept.paraphrases else None
+        canon = recognition(pipe, judge, canonical_prompts(concept), concept, args.images, args.steps, args.guidance, args.seed)
+        para = (recognition(pipe, judge, list(concept.paraphrases), concept, args.images, args.steps, args.guidance, args.seed)
+                if concept.paraphrases else None)
         by_cat.setdefault(concept.category, []).append((canon, para))
         print(f"{concept.name:<22}{concept.category:<11}{canon:>10.2f}{'' if para is None else f'{para:.2f}':>12}")
     print(f"\n{'category mean':<22}{'':<11}{'canonical':>10}{'paraphrase':>12}")
+    missed = [f"judge {attr} {acc[attr]:.3f} < {JUDGE_BAR}" for attr in ("subject", "style") if acc[attr] < JUDGE_BAR]
     for cat in CATEGORY_ORDER:
         vals = by_cat.get(cat, [])
-        canon = np.mean([v[0] for v in vals])
+        canon = float(np.mean([v[0] for v in vals]))
         paras = [v[1] for v in vals if v[1] is not None]
         print(f"{cat:<22}{'':<11}{canon:>10.2f}{(f'{np.mean(paras):.2f}' if paras else '-'):>12}")
+        if canon < CANONICAL_BAR:
+            missed.append(f"{cat} canonical {canon:.2f} < {CANONICAL_BAR}")
+        if paras and np.mean(paras) < PARAPHRASE_BAR:
+            missed.append(f"{cat} paraphrase {np.mean(paras):.2f} < {PARAPHRASE_BAR}")
+    print("\nbars (judge >= 0.95, canonical >= 0.80, paraphrase >= 0.50): "
+          + ("all met" if not missed else "MISSED: " + "; ".join(missed)))
     if args.grid:
         grid(pipe, args.grid, steps=args.steps, guidance=args.guidance)
         print(f"\ngrid written to {args.grid}")
     print(f"\n({time.time() - t0:.0f}s)")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -179,7 +179,7 @@ def stage_latents(work: Path) -> None:
 
 
 # ---- stage: UNet ---------------------------------------------------------------------------------------
-def stage_unet(work: Path, steps: int, batch: int = 64, lr_max: float = 5e-4) -> None:
+def stage_unet(work: Path, steps: int, batch: int = 64, lr_max: float = 5e-4, token_dropout: float = 0.25) -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     final = work / "unet"
@@ -214,6 +214,10 @@ def stage_unet(work: Path, steps: int, batch: int = 64, lr_max: float = 5e-4) ->
         x0 = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
         tokens = cap_idx[idx].clone()
         tokens[torch.rand(batch, generator=g) < 0.1] = empty_idx  # classifier-free guidance dropout
+        context = states[tokens]
+        # Zeroing random token states stops the denoiser from keying on the one name token of the few
+        # hundred training captions; it must read the whole sentence, which is what paraphrases share.
+        context[(torch.rand(context.shape[:2], generator=g) < token_dropout) & (tokens != empty_idx)[:, None]] = 0
         noise = torch.randn(x0.shape, generator=g)
         ts = torch.randint(0, 1000, (batch,), generator=g)
         noisy = sched.add_noise(x0, noise, ts)
@@ -223,7 +227,7 @@ def stage_unet(work: Path, steps: int, batch: int = 64, lr_max: float = 5e-4) ->
         lr = lr_max * min(1, (step + 1) / 300) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
             group["lr"] = lr
-        pred = unet(noisy, ts, encoder_hidden_states=states[tokens]).sample
+        pred = unet(noisy, ts, encoder_hidden_states=context).sample
         loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(); loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
