@@ -78,7 +78,7 @@ def test_pure_erasure_passes_the_gate_and_no_erasure_fails_it(ws):
     assert unedited.exit_code == 10, unedited.output
     assert verdict.group(2) == "10"
     # Enough forget rows (4 prompts x 6 seeds x 6 steps) to span every layer (width <= 128).
-    erased, verdict = audit(ws, "pure", "{tau_forget: 1.0, tau_retain: 0.95, seeds: 6}")
+    erased, verdict = audit(ws, "pure", "{tau_forget: 1.0, tau_retain: 0.75, seeds: 6}")
     assert erased.exit_code == 0, erased.output
     assert verdict.group(0) == "PASS (exit 0)"
     assert (ws / "report-pure.html").read_text().count("data:image/png;base64,") >= 32
