@@ -40,8 +40,8 @@ class PureParams(BaseModel):
     # The forget and retain subspaces may use their own thresholds (default: tau for both). On the embedded
     # world model a concept's value directions are spread over many small singular directions of the
     # mean-pooled forget activations: keeping all of them (tau_forget 1.0) with a compact retain basis
-    # (tau_retain 0.95) removed Pikachu, Van Gogh and blood splatter while every neighbour and concepts in
-    # no anchor set stayed recognised; tau 0.5-0.999 for both removed nothing (see the model card).
+    # (tau_retain 0.75) removed Pikachu, Van Gogh and blood splatter while every neighbour stayed recognised;
+    # tau 0.99 for both left the canonical prompts recognised (the sweep is in the model card).
     tau_forget: float | None = Field(None, gt=0, le=1, description="threshold for the forget subspace (default: tau)")
     tau_retain: float | None = Field(None, gt=0, le=1, description="threshold for the retain subspace (default: tau)")
     steps: int = Field(6, ge=1, description="denoising steps per anchor trajectory")
