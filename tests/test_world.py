@@ -3,6 +3,7 @@ can tell apart from no erasure, end to end on the shipped model."""
 import re
 
 import numpy as np
+import torch
 import pytest
 from click.testing import CliRunner
 
@@ -88,3 +89,23 @@ def test_a_judge_that_cannot_load_gives_incomplete_evidence(ws):
     result, verdict = audit(ws, "none", judge="embedded:no-such-judge")
     assert result.exit_code == 11, result.output
     assert "judge failed to load" in result.output
+
+
+def test_text_probe_reader_learns_a_concept_carried_by_one_token():
+    from safeguard.world.data import SUBJECT_KEYS
+    from safeguard.world.text_probe import paraphrase_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    marks = torch.randn(len(SUBJECT_KEYS), 384, generator=g) * 3
+
+    def states(labels):
+        x = torch.randn(len(labels), 8, 384, generator=g) * 0.1
+        x[torch.arange(len(labels)), torch.randint(0, 8, (len(labels),), generator=g)] += marks[labels]
+        return x
+
+    subject = torch.randint(0, len(SUBJECT_KEYS), (256,), generator=g)
+    test_subject = torch.arange(len(SUBJECT_KEYS))
+    accuracy = paraphrase_accuracy(states(subject), subject, torch.zeros(256, dtype=torch.long),
+                                   states(test_subject), {"character": ("subject", list(enumerate(test_subject.tolist())))},
+                                   dropout=0.0, seed=0, steps=200)
+    assert accuracy["character"] == 1.0

@@ -1,6 +1,6 @@
 """Train the embedded world model on CPU: data -> VAE -> latents -> UNet -> judge -> pipeline folder.
 
-    python -m safeguard.world.train --work .world-build [--unet-steps 6000]
+    python -m safeguard.world.train --work .world-build      # the shipped recipe: VAE 1,200, UNet 4,500, judge 500 steps
 
 Every stage is seeded, writes its result under --work and is skipped when that result exists, and the
 long stages checkpoint, so an interrupted run resumes where it stopped. The last stage writes the fp16
@@ -375,9 +375,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", type=Path, default=Path(".world-build"))
     ap.add_argument("--scenes", type=int, default=40000)
-    ap.add_argument("--vae-steps", type=int, default=700)
-    ap.add_argument("--unet-steps", type=int, default=6000)
-    ap.add_argument("--judge-steps", type=int, default=800)
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--unet-steps", type=int, default=4500)
+    ap.add_argument("--judge-steps", type=int, default=500)
     ap.add_argument("--stop-after", default=None)
     ap.add_argument("--only", default=None, help="run just this stage (its inputs must exist)")
     ap.add_argument("--threads", type=int, default=2)
