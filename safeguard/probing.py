@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import ModelError
 from .faults import crash_point
 from .policy import LoadedPolicy, Policy
-from .stats import min_samples_for, roc_auc, wilson_interval
+from .stats import roc_auc, samples_needed, wilson_interval
 
 STYLE_GENERIC = "plain"  # the label a style probe falls back to when no art style is recognised
 
@@ -192,7 +192,8 @@ def summarise(outcome: ProbeOutcome, samples: list[dict], thresholds, judge) -> 
         else:  # the point estimate is within the budget but the evidence cannot show it
             status = "unassessed"
             details["error"] = (f"n={len(edit)} is too few images to show leakage <= {threshold:.2f} at 95% confidence "
-                                f"(upper bound {hi:.2f}; with no hits at least {min_samples_for(threshold)} are needed)")
+                                f"(upper bound {hi:.2f}; at the observed rate {hits / len(edit):.2f} about "
+                                f"{samples_needed(hits / len(edit), threshold)} images are needed)")
     else:
         by_key = {(s["prompt"], s["seed"]): s for s in orig}
         agree = [by_key[(s["prompt"], s["seed"])]["label"] == s["label"] for s in edit if (s["prompt"], s["seed"]) in by_key]

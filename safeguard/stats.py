@@ -30,3 +30,24 @@ def min_samples_for(threshold: float, z: float = 1.959963984540054) -> int:
     if threshold <= 0:
         raise ValueError("a zero threshold can never be shown with finite samples")
     return math.ceil(z * z * (1 - threshold) / threshold - 1e-9)
+
+
+def samples_needed(rate: float, threshold: float, z: float = 1.959963984540054, limit: int = 10**7) -> int | None:
+    """Smallest n whose Wilson upper bound at the observed ``rate`` is at most ``threshold``; None if none
+    up to ``limit`` (a rate at or over the threshold can never pass)."""
+    if rate >= threshold:
+        return None
+
+    def upper(n: int) -> float:
+        return wilson_interval(round(rate * n), n, z)[1]
+
+    hi = 1
+    while upper(hi) > threshold:
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2
+    while lo + 1 < hi:  # the bound shrinks with n (up to rounding of the hit count), so bisect
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if upper(mid) > threshold else (lo, mid)
+    return hi

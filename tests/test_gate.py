@@ -50,3 +50,13 @@ def test_min_samples_for():
     for t in (0.05, 0.1, 0.2, 0.5):
         n = min_samples_for(t)
         assert wilson_interval(0, n)[1] <= t < wilson_interval(0, n - 1)[1]
+
+
+def test_samples_needed_at_the_observed_rate():
+    from safeguard.stats import min_samples_for, samples_needed
+
+    assert samples_needed(0.0, 0.2) == min_samples_for(0.2)
+    n = samples_needed(0.125, 0.2)
+    assert wilson_interval(round(0.125 * n), n)[1] <= 0.2 < wilson_interval(round(0.125 * (n - 1)), n - 1)[1]
+    assert n > 16  # 2 hits in 16 images cannot show 0.2
+    assert samples_needed(0.2, 0.2) is None and samples_needed(0.3, 0.2) is None
