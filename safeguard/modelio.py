@@ -257,7 +257,8 @@ def revert_pipeline(folder: Path, out_dir: Path) -> Path:
     parent = lineage[-2] if len(lineage) >= 2 else None
     parent_record = {**parent, "lineage": lineage[:-1]} if parent else None
     # The reverted model carries the parent's edit record (if any) but not its tensors: only the latest
-    # edit step can be undone from one folder.
+    # edit step can be undone from one folder. Leftovers of a killed earlier write go first, as in apply.
+    clean_partial_outputs(out_dir)
     return write_pipeline_atomically(pipe, out_dir, originals=None,
                                      record=parent_record or {"reverted_from": record.get("run_id"), "lineage": []},
                                      denoiser_name=name)

@@ -99,6 +99,16 @@ def test_revert_restores_original_bit_for_bit(workspace):
     assert sha(workspace / "model") == sha(workspace / "restored")
 
 
+def test_revert_removes_leftovers_of_a_killed_write(workspace):
+    apply_policy(load_policy(write_policy(workspace)), echo=lambda m: None)
+    leftover = workspace / ".restored.partial-killed"
+    leftover.mkdir()
+    (leftover / "model_index.json").write_text("{}")
+    result = CliRunner().invoke(cli, ["revert", "edited", "--out", "restored"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not leftover.exists() and (workspace / "restored" / "model_index.json").exists()
+
+
 def test_second_policy_on_edited_model_records_lineage(workspace):
     first = apply_policy(load_policy(write_policy(workspace)), echo=lambda m: None)
     second_policy = write_policy(workspace, source="edited", out="edited-v2", name="v2.yaml")
