@@ -24,7 +24,7 @@ STEPS, GUIDANCE = 20, 5.0
 
 
 def measure(pipe, judge, request) -> dict:
-    """Recognition rates: each erased concept (canonical, paraphrase), its neighbours, and four objects."""
+    """Recognition rates: each erased concept (canonical, paraphrase), its neighbours, and the eight objects."""
     from safeguard.world import concepts as C
     from safeguard.world.quality import canonical_prompts, recognition
 
@@ -39,8 +39,8 @@ def measure(pipe, judge, request) -> dict:
             "neighbours": sum(recognition(pipe, judge, canonical_prompts(n)[:2], n, 2, STEPS, GUIDANCE)
                               for n in neighbours) / len(neighbours),
         }
-    objects = [c for c in C.OBJECTS if c.key != "empty"][:4]
-    out["objects"] = sum(recognition(pipe, judge, canonical_prompts(o)[:1], o, 4, STEPS, GUIDANCE) for o in objects) / len(objects)
+    objects = [c for c in C.OBJECTS if c.key != "empty"]
+    out["objects"] = sum(recognition(pipe, judge, canonical_prompts(o)[:1], o, 2, STEPS, GUIDANCE) for o in objects) / len(objects)
     return out
 
 
