@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeguard import hookimpl
-from safeguard.erasers import EraseRequest, EraseResult, LayerEdit
+from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, replace_weight
 
 
 class PureParams(BaseModel):
@@ -235,19 +235,12 @@ class PureEraser:
                 }
                 for projection_name in ("to_k", "to_v"):
                     projection = getattr(attn, projection_name)
-                    short = projection_name.removeprefix("to_")
-                    weight_name = f"{path}.{projection_name}.weight"
-                    original_weight = projection.weight.detach().clone()
-                    originals[weight_name] = original_weight.cpu()
-                    projection.weight.copy_(apply_operator(E, original_weight))
+                    replace_weight(projection, apply_operator(E, projection.weight), key=f"{path}.{projection_name}.weight",
+                                   originals=originals, stats=stats, short=projection_name.removeprefix("to_"))
                     if projection.bias is not None:
                         # The bias is part of every key/value row, so it goes through the same E.
                         originals[f"{path}.{projection_name}.bias"] = projection.bias.detach().cpu().clone()
                         projection.bias.copy_(apply_operator(E, projection.bias.detach()[:, None])[:, 0])
-                    delta_norm = float((projection.weight.detach().float() - original_weight.float()).norm())
-                    original_norm = float(original_weight.float().norm())
-                    stats[f"delta_norm_{short}"] = delta_norm
-                    stats[f"relative_delta_norm_{short}"] = delta_norm / original_norm if original_norm else 0.0
                 stats["seconds"] = time.perf_counter() - layer_started
                 edits.append(LayerEdit(module=path, stats=stats))
                 forget_bases[path] = V_F.to(torch.float32)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeguard import hookimpl
-from safeguard.erasers import EraseRequest, EraseResult, LayerEdit
+from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, replace_weight
 
 STYLE_GUIDE = "art"  # the reference code's guide for artistic styles
 
@@ -217,20 +217,15 @@ class UceEraser:
                 stats: dict[str, Any] = {"erase_keys": K_e.shape[0], "preserve_keys": K_p.shape[0]}
                 for projection_name in ("to_k", "to_v"):
                     projection = getattr(attn, projection_name)
-                    short = projection_name.removeprefix("to_")
-                    original = projection.weight.detach().clone()
-                    originals[f"{path}.{projection_name}.weight"] = original.cpu()
                     try:
-                        solved = uce_solve(original, K_e, K_g, K_p, params.lam, params.erase_scale, params.preserve_scale)
+                        solved = uce_solve(projection.weight.detach(), K_e, K_g, K_p, params.lam, params.erase_scale,
+                                           params.preserve_scale)
                     except torch.linalg.LinAlgError as exc:
                         raise ValueError(
                             f"UCE's system for {path}.{projection_name} is singular; use lam > 0"
                         ) from exc
-                    projection.weight.copy_(solved.to(original.device, torch.float32).to(original.dtype))
-                    delta_norm = float((projection.weight.detach().float() - original.float()).norm())
-                    original_norm = float(original.float().norm())
-                    stats[f"delta_norm_{short}"] = delta_norm
-                    stats[f"relative_delta_norm_{short}"] = delta_norm / original_norm if original_norm else 0.0
+                    replace_weight(projection, solved, key=f"{path}.{projection_name}.weight", originals=originals,
+                                   stats=stats, short=projection_name.removeprefix("to_"))
                 stats["seconds"] = time.perf_counter() - layer_started
                 edits.append(LayerEdit(module=path, stats=stats))
         solve_seconds = time.perf_counter() - solve_started

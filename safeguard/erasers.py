@@ -50,3 +50,18 @@ class EraseResult:
     stats: dict[str, Any] = field(default_factory=dict)  # whole-edit statistics (seconds, rows, per concept)
     # Optional artefacts probes may reuse, e.g. PURE's per-layer forget bases for the activation screen.
     artefacts: dict[str, Any] = field(default_factory=dict)
+
+
+def replace_weight(projection, weight, *, key: str, originals: dict[str, Any], stats: dict[str, Any], short: str) -> None:
+    """Write ``weight`` into ``projection.weight`` (in its dtype and device), keep the original tensor in
+    ``originals[key]`` for the edit file, and record the change as ``delta_norm_<short>`` and
+    ``relative_delta_norm_<short>`` in ``stats``."""
+    import torch
+
+    original = projection.weight.detach().clone()
+    originals[key] = original.cpu()
+    projection.weight.copy_(weight.to(original.device, torch.float32).to(original.dtype))
+    delta_norm = float((projection.weight.detach().float() - original.float()).norm())
+    original_norm = float(original.float().norm())
+    stats[f"delta_norm_{short}"] = delta_norm
+    stats[f"relative_delta_norm_{short}"] = delta_norm / original_norm if original_norm else 0.0
