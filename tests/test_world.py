@@ -109,3 +109,16 @@ def test_text_probe_reader_learns_a_concept_carried_by_one_token():
                                    states(test_subject), {"character": ("subject", list(enumerate(test_subject.tolist())))},
                                    dropout=0.0, seed=0, steps=200)
     assert accuracy["character"] == 1.0
+
+
+def test_grids_have_one_row_per_concept(tiny_pipe, tmp_path):
+    from PIL import Image
+
+    from safeguard.world.quality import grid
+
+    pipe = tiny_pipe("sd1-bert")
+    grid(pipe, str(tmp_path / "canonical.png"), images=2, steps=2)
+    grid(pipe, str(tmp_path / "paraphrase.png"), images=2, steps=2, paraphrases=True)
+    with_paraphrases = [c for c in C.ALL if c.paraphrases]
+    assert Image.open(tmp_path / "canonical.png").size == (220 + 2 * 100, (len(C.ALL) - 1) * 100)
+    assert Image.open(tmp_path / "paraphrase.png").size == (220 + 2 * 100, len(with_paraphrases) * 100)

@@ -1,7 +1,7 @@
 """Measure the embedded world model and print a table: judge accuracy on fresh renders, and how often the
 unedited model renders the prompted concept for canonical prompts and held-out paraphrases.
 
-    python -m safeguard.world.quality [--images 4] [--steps 25] [--seed 0] [--grid grid.png]
+    python -m safeguard.world.quality [--images 4] [--steps 25] [--seed 0] [--grid grid.png] [--paraphrase-grid para.png]
 
 Exits 1 when a bar the model is built to meet is missed.
 """
@@ -80,19 +80,25 @@ def recognition(pipe, judge, prompts, concept, images: int, steps: int, guidance
     return hits / n
 
 
-def grid(pipe, path: str, images: int = 6, steps: int = 25, guidance: float = 5.0) -> None:
-    """One row per concept (canonical prompt), `images` seeds per row, upscaled for viewing."""
+def grid(pipe, path: str, images: int = 6, steps: int = 25, guidance: float = 5.0, paraphrases: bool = False) -> None:
+    """One row per concept, upscaled for viewing: `images` seeds of its canonical prompt, or (paraphrases)
+    its first `images` held-out paraphrases with seed 0 each."""
     from PIL import Image, ImageDraw
 
-    rows = [c for c in C.ALL if c.key != "empty"]
+    rows = [c for c in C.ALL if c.key != "empty" and (c.paraphrases or not paraphrases)]
     cell = 96
     sheet = Image.new("RGB", (220 + images * (cell + 4), len(rows) * (cell + 4)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, concept in enumerate(rows):
-        prompt = canonical_prompts(concept)[0]
-        out = pipe(prompt=[prompt] * images, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=[torch.Generator().manual_seed(k) for k in range(images)]).images
-        draw.text((4, r * (cell + 4) + cell // 2 - 6), prompt[:34], fill="black")
+        if paraphrases:
+            prompts, label = list(concept.paraphrases[:images]), f"{concept.name} (paraphrases)"
+            seeds = [0] * len(prompts)
+        else:
+            prompts, label = [canonical_prompts(concept)[0]] * images, canonical_prompts(concept)[0]
+            seeds = list(range(images))
+        out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=[torch.Generator().manual_seed(k) for k in seeds]).images
+        draw.text((4, r * (cell + 4) + cell // 2 - 6), label[:34], fill="black")
         for k, im in enumerate(out):
             sheet.paste(im.resize((cell, cell), Image.NEAREST), (220 + k * (cell + 4), r * (cell + 4)))
     sheet.save(path)
@@ -107,6 +113,7 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0, help="first sampling seed (images use seed .. seed+images-1)")
     ap.add_argument("--grid", default=None, help="also write a PNG grid of generated images")
+    ap.add_argument("--paraphrase-grid", default=None, help="also write a PNG grid of held-out paraphrase renders")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
@@ -139,6 +146,9 @@ def main(argv=None):
     if args.grid:
         grid(pipe, args.grid, steps=args.steps, guidance=args.guidance)
         print(f"\ngrid written to {args.grid}")
+    if args.paraphrase_grid:
+        grid(pipe, args.paraphrase_grid, steps=args.steps, guidance=args.guidance, paraphrases=True)
+        print(f"paraphrase grid written to {args.paraphrase_grid}")
     print(f"\n({time.time() - t0:.0f}s)")
     return 1 if missed else 0
 
