@@ -69,7 +69,7 @@ def recognition(pipe, judge, prompts, concept, images: int, steps: int, guidance
         names, texts = style_labels(judge)
     else:
         names, texts = subject_labels(judge)
-    target = names.index(concept.name if concept.category != "object" or concept.key != "empty" else concept.name)
+    target = names.index(concept.name)
     hits = n = 0
     for p in prompts:
         out = pipe(prompt=[p] * images, num_inference_steps=steps, guidance_scale=guidance,
