@@ -247,3 +247,38 @@ def tiny_pipeline(kind: str, root: str | Path | None = None):
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir(kind, root))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# A one-concept policy for the tiny pipelines copied to ./model; the CLI and crash-safety tests share it.
+_TINY_POLICY = """\
+version: 1
+name: {name}
+model:
+  source: model
+eraser:
+  name: {eraser}
+  params: {params}
+concepts:
+  - name: pikachu
+    category: character
+    forget_anchors: [a photo of pikachu, pikachu in a garden]
+    neighbours: [mario]
+    paraphrases: [the yellow electric mouse]
+probes:
+  kinds: [canonical, paraphrase]
+  images_per_prompt: 1
+  steps: 2
+  max_prompts: 2
+thresholds:
+  max_leakage: 0.8
+judge:
+  name: {judge}
+  checkpoint: none
+output:
+  dir: {out}
+"""
+
+
+def tiny_policy_text(name: str, *, eraser: str = "pure", params: str = "{steps: 2, seeds: 1}",
+                     judge: str = "never-target", out: str = "edited") -> str:
+    return _TINY_POLICY.format(name=name, eraser=eraser, params=params, judge=judge, out=out)

@@ -9,43 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 import standin_plugins
+from fixtures import tiny_pipeline_dir, tiny_policy_text
 from safeguard import hookimpl
 from safeguard.cli import cli
 from safeguard.plugins import pm
 
-POLICY = """\
-version: 1
-name: tiny-cli
-model:
-  source: model
-eraser:
-  name: pure
-  params: {steps: 2, seeds: 1}
-concepts:
-  - name: pikachu
-    category: character
-    forget_anchors: [a photo of pikachu, pikachu in a garden]
-    neighbours: [mario]
-    paraphrases: [the yellow electric mouse]
-probes:
-  kinds: [canonical, paraphrase]
-  images_per_prompt: 1
-  steps: 2
-  max_prompts: 2
-thresholds:
-  max_leakage: 0.8
-judge:
-  name: %s
-  checkpoint: none
-output:
-  dir: edited
-"""
-
 
 @pytest.fixture
 def ws(tmp_path, tiny_pipeline_root, monkeypatch):
-    from fixtures import tiny_pipeline_dir
-
     shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), tmp_path / "model")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
@@ -61,7 +32,7 @@ def invoke(*args):
 
 
 def apply_with(ws, judge):
-    (ws / "policy.yaml").write_text(POLICY % judge)
+    (ws / "policy.yaml").write_text(tiny_policy_text("tiny-cli", judge=judge))
     result = invoke("apply", "policy.yaml")
     assert result.exit_code == 0, result.output
     return re.search(r"^run (\S+): wrote", result.stdout, re.M).group(1)
@@ -77,7 +48,7 @@ def test_version_and_help():
 
 
 def test_validate_prints_plan(ws):
-    (ws / "policy.yaml").write_text(POLICY % "always-target")
+    (ws / "policy.yaml").write_text(tiny_policy_text("tiny-cli", judge="always-target"))
     result = invoke("validate", "policy.yaml")
     assert result.exit_code == 0
     assert "policy.yaml: valid (policy 'tiny-cli'" in result.output

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import standin_plugins
+from fixtures import tiny_pipeline_dir, tiny_policy_text
 from safeguard.faults import CRASH_POINTS
 
 APPLY_POINTS = tuple(p for p in CRASH_POINTS if p.startswith(("apply:", "write:")))
@@ -33,33 +34,6 @@ REPLACE_ONLY_POINTS = ("write:after-move-old",)  # reached only while an earlier
 RANDOM_SEED = int(os.environ.get("SAFEGUARD_CRASH_SEED", "20240917"))
 CHILD_TIMEOUT_S = 300
 
-POLICY = """\
-version: 1
-name: crash-safety
-model:
-  source: model
-eraser:
-  name: {eraser}
-  params: {params}
-concepts:
-  - name: pikachu
-    category: character
-    forget_anchors: [a photo of pikachu, pikachu in a garden]
-    neighbours: [mario]
-    paraphrases: [the yellow electric mouse]
-probes:
-  kinds: [canonical, paraphrase]
-  images_per_prompt: 1
-  steps: 2
-  max_prompts: 2
-thresholds:
-  max_leakage: 0.8
-judge:
-  name: never-target
-  checkpoint: none
-output:
-  dir: {out}
-"""
 
 # The children load the shared stand-in plugins as a one-file plugin.
 STANDIN_PLUGIN = Path(standin_plugins.__file__).read_text()
@@ -175,7 +149,7 @@ def make_workspace(root: Path, model_src: Path, eraser: str = "pure", out_name: 
 
 def write_policy(root: Path, eraser: str = "pure", out_name: str = "edited") -> None:
     params = "{steps: 2, seeds: 1}" if eraser == "pure" else "{}"
-    (root / "policy.yaml").write_text(POLICY.format(eraser=eraser, params=params, out=out_name))
+    (root / "policy.yaml").write_text(tiny_policy_text("crash-safety", eraser=eraser, params=params, out=out_name))
 
 
 def run_child(ws: Workspace, *args: str, crash_at: str | None = None) -> tuple[int, str]:
@@ -534,8 +508,6 @@ def crash_summary(request):
 
 @pytest.fixture
 def ws(tmp_path, tiny_pipeline_root):
-    from fixtures import tiny_pipeline_dir
-
     return make_workspace(tmp_path / "ws", tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root))
 
 
@@ -552,8 +524,6 @@ def test_apply_killed_at_crash_point(ws, point):
 
 @pytest.mark.parametrize("point", REPLACE_ONLY_POINTS)
 def test_apply_killed_while_replacing_an_earlier_output(tmp_path, tiny_pipeline_root, point):
-    from fixtures import tiny_pipeline_dir
-
     # Brackets in the name: the leftovers must be found by name, not read as a glob character class.
     ws = make_workspace(tmp_path / "ws", tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), out_name="edited[v2]")
     outcome = kill_apply_at(ws, point, replacing=True)
