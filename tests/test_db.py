@@ -211,32 +211,14 @@ def check_resume_and_replace_probe_results(db: Database) -> None:
 
 # --- SQLite --------------------------------------------------------------------------------------------------------
 
-def test_run_life_cycle(db):
-    check_run_life_cycle(db)
+# The same checks run on PostgreSQL in test_postgres.py.
+DB_CHECKS = (check_run_life_cycle, check_failed_run, check_sample_idempotency, check_model_records,
+             check_atomic_writes, check_one_transaction_for_several_writes, check_resume_and_replace_probe_results)
 
 
-def test_failed_run(db):
-    check_failed_run(db)
-
-
-def test_sample_idempotency(db):
-    check_sample_idempotency(db)
-
-
-def test_model_records_are_idempotent(db):
-    check_model_records(db)
-
-
-def test_multi_row_writes_are_atomic(db):
-    check_atomic_writes(db)
-
-
-def test_one_transaction_for_several_writes(db):
-    check_one_transaction_for_several_writes(db)
-
-
-def test_resume_and_replace_probe_results(db):
-    check_resume_and_replace_probe_results(db)
+@pytest.mark.parametrize("check", DB_CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
+def test_shared_database_check(db, check):
+    check(db)
 
 
 def test_evidence_folder(db, tmp_path, monkeypatch):

@@ -16,9 +16,7 @@ from safeguard.errors import AuditError
 from pg import PostgresUnavailable, start_postgres
 from test_audit_chain import (ANCHOR_CASES, TAMPER_CASES, check_anchor_case, check_tamper_case,
                               check_untouched_chain_verifies)
-from test_db import (check_atomic_writes, check_failed_run, check_model_records,
-                     check_one_transaction_for_several_writes, check_resume_and_replace_probe_results,
-                     check_run_life_cycle, check_sample_idempotency)
+from test_db import DB_CHECKS
 from test_db_concurrency import run_writers
 from test_migrations import (check_downgrade_and_upgrade_again, check_guard_triggers, check_newer_schema_is_refused,
                              check_schema_matches_models)
@@ -77,32 +75,9 @@ def test_downgrade_and_upgrade_again(db):
     check_downgrade_and_upgrade_again(db)
 
 
-def test_run_life_cycle(db):
-    check_run_life_cycle(db)
-
-
-def test_failed_run(db):
-    check_failed_run(db)
-
-
-def test_sample_idempotency(db):
-    check_sample_idempotency(db)
-
-
-def test_model_records_are_idempotent(db):
-    check_model_records(db)
-
-
-def test_multi_row_writes_are_atomic(db):
-    check_atomic_writes(db)
-
-
-def test_one_transaction_for_several_writes(db):
-    check_one_transaction_for_several_writes(db)
-
-
-def test_resume_and_replace_probe_results(db):
-    check_resume_and_replace_probe_results(db)
+@pytest.mark.parametrize("check", DB_CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
+def test_shared_database_check(db, check):
+    check(db)
 
 
 def test_untouched_chain_verifies(db):
