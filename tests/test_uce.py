@@ -1,4 +1,4 @@
-"""UCE: token selection, the closed form against a direct numpy solve, and plugin registration."""
+"""UCE: the reference's token selection, the closed form against a direct numpy solve, and registration."""
 import subprocess
 import sys
 
@@ -8,16 +8,17 @@ import torch
 from pydantic import ValidationError
 
 from safeguard.attention import cross_attention_modules, denoiser_of
-from safeguard.builtin.uce import UceEraser, UceParams, last_content_position, subject_position
+from safeguard.builtin.uce import UceEraser, UceParams, erase_positions, last_content_position
 from safeguard.erasers import ConceptRequest, EraseRequest
 
-FORGET = ["a photo of pikachu", "a painting of pikachu", "an image of pikachu"]
+FORGET = ["a photo of pikachu", "a painting of pikachu", "an image of pikachu in a garden"]
 RETAIN = ["a photo of mario", "a picture of snoopy"]
 KEEP = ["a cat"]
 
 
-def _request(category="character", forget=FORGET):
-    return EraseRequest(concepts=[ConceptRequest("pikachu", category, list(forget), RETAIN)], keep_prompts=KEEP)
+def _request(category="character", forget=FORGET, retain=RETAIN, keep=KEEP):
+    return EraseRequest(concepts=[ConceptRequest("pikachu", category, list(forget), list(retain))],
+                        keep_prompts=list(keep))
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -27,41 +28,63 @@ def _tokenizers():
     return {"clip": clip_tokenizer(), "bert": bert_tokenizer(), "t5": t5_tokenizer()}
 
 
-@pytest.mark.parametrize("family", ["clip", "bert", "t5"])
-def test_subject_position_is_the_concept_token_wherever_it_stands(family):
-    tokenizer = _tokenizers()[family]
-    for prompt in ("pikachu in a garden", "a photo of pikachu", "a cute pikachu on the beach"):
-        position = subject_position(tokenizer, prompt, "pikachu", 64)
-        ids = tokenizer(prompt)["input_ids"]
-        assert tokenizer.convert_ids_to_tokens(ids[position]).strip("▁").removesuffix("</w>") == "pikachu"
-    # Two-word names: the last token of the last occurrence.
-    prompt = "monet and dali, by monet dali"
-    ids = tokenizer(prompt)["input_ids"]
-    assert subject_position(tokenizer, prompt, "monet dali", 64) == len(ids) - 2  # just before the end token
-    assert subject_position(tokenizer, "a photo of mario", "pikachu", 64) is None
+def _reference_last(tokenizer, texts, length):
+    """The reference's index of the last content token: attention_mask.sum() - 2 on the padded batch.
+
+    T5 adds no start token, so its empty text has a mask sum of 1; the eraser then takes position 0.
+    """
+    mask = tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                     return_tensors="np")["attention_mask"]
+    return [max(int(m.sum()) - 2, 0) for m in mask]
+
+
+def _reference_slices(tokenizer, prompt, guide, length):
+    """The reference's slices: [i_p, L - max(0, far - i_p)) of the prompt, [i_g, L - max(0, far - i_g)) of the guide."""
+    i_p, i_g = _reference_last(tokenizer, [prompt, guide], length)
+    far = max(i_p, i_g)
+    return list(range(i_p, length - max(0, far - i_p))), list(range(i_g, length - max(0, far - i_g)))
+
+
+TEXTS = ["pikachu", "a photo of pikachu", "monet dali", "an image of pikachu in a garden", " ", "", "art",
+         "a big red car with a small blue bird on the tree"]
 
 
 @pytest.mark.parametrize("family", ["clip", "bert", "t5"])
-def test_last_content_position_skips_special_tokens(family):
+def test_last_content_position_is_the_references_index(family):
     tokenizer = _tokenizers()[family]
+    length = 12
+    expected = _reference_last(tokenizer, TEXTS, length)
+    assert [last_content_position(tokenizer, text, length) for text in TEXTS] == expected
+    # The position holds the text's last word (or the start, for a text with no content).
     ids = tokenizer("a photo of mario")["input_ids"]
-    position = last_content_position(tokenizer, "a photo of mario", 64)
-    assert ids[position] not in tokenizer.all_special_ids
-    assert tokenizer.convert_ids_to_tokens(ids[position]).strip("▁").removesuffix("</w>") == "mario"
-    assert last_content_position(tokenizer, "", 64) == 0  # no content: the sequence's first token
+    word = tokenizer.convert_ids_to_tokens(ids[last_content_position(tokenizer, "a photo of mario", length)])
+    assert word.strip("▁").removesuffix("</w>") == "mario"
+    assert last_content_position(tokenizer, " ", length) == 0
+
+
+@pytest.mark.parametrize("family", ["clip", "bert", "t5"])
+def test_erase_positions_are_the_references_slices(family):
+    tokenizer = _tokenizers()[family]
+    length = 12
+    for prompt in TEXTS[:4] + TEXTS[-1:]:
+        for guide in (" ", "art", "a photo of a cat", "a big red car with a small blue bird on the tree"):
+            got = erase_positions(tokenizer, prompt, guide, length)
+            expected = _reference_slices(tokenizer, prompt, guide, length)
+            assert got == expected, (prompt, guide)
+            assert len(got[0]) == len(got[1]) >= 1 and got[0][-1] < length and got[1][-1] < length
+    # The common case: from the name's last token through EOS and padding to the end of the sequence.
+    positions, guide_positions = erase_positions(tokenizer, "a photo of pikachu", " ", length)
+    assert positions[-1] == length - 1 and guide_positions[0] == 0
 
 
 # ------------------------------------------------------------------------------------------ closed form
 def _encoded(pipe, prompts):
-    """Cross-attention context and token masks, computed the plain way for the tiny pipelines."""
+    """Cross-attention context, computed the plain way for the tiny pipelines."""
     embeds = pipe.encode_prompt(prompt=prompts, device="cpu", num_images_per_prompt=1,
                                 do_classifier_free_guidance=False)[0]
     if hasattr(pipe, "transformer"):  # PixArt projects the T5 states before cross-attention
         embeds = pipe.transformer.caption_projection(embeds)
-    length = embeds.shape[1]
-    mask = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                          return_tensors="pt")["attention_mask"]
-    return embeds.detach().double().numpy(), mask.numpy()
+    return embeds.detach().double().numpy()
 
 
 def _numpy_uce(W0, erase, guide, preserve, lam, s_e, s_p):
@@ -79,52 +102,79 @@ def _numpy_uce(W0, erase, guide, preserve, lam, s_e, s_p):
     return np.linalg.solve(gram.T, lhs.T).T
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd1-bert", "sdxl", "pixart"])
-def test_uce_matches_a_direct_numpy_solve(tiny_pipe, kind):
-    pipe = tiny_pipe(kind)
-    params = UceParams(guide="cat", lam=0.5, erase_scale=1.0, preserve_scale=0.7)
-    layers = cross_attention_modules(denoiser_of(pipe))
-    originals = {path: (attn.to_k.weight.detach().double().numpy().copy(), attn.to_v.weight.detach().double().numpy().copy())
-                 for path, attn in layers.items()}
+def _expected_keys(pipe, erase_prompts, guide, preserve_prompts):
+    """Erase, guide and preserve keys by the reference's rule, from states encoded here."""
+    prompts = [*erase_prompts, guide, *preserve_prompts]
+    context = _encoded(pipe, prompts)
+    length = context.shape[1]
+    erase, targets = [], []
+    for i, prompt in enumerate(erase_prompts):
+        prompt_slice, guide_slice = _reference_slices(pipe.tokenizer, prompt, guide, length)
+        erase += [context[i, j] for j in prompt_slice]
+        targets += [context[len(erase_prompts), j] for j in guide_slice]
+    preserve = [context[len(erase_prompts) + 1 + i, j] for i in range(len(preserve_prompts)) for j in range(length)]
+    return erase, targets, preserve
 
-    # Keys as the reference implementation takes them: the token before the end token, mask.sum() - 2
-    # (every prompt here ends with its subject).
-    prompts = [*FORGET, "cat", *KEEP, *RETAIN]
-    context, mask = _encoded(pipe, prompts)
-    last = mask.sum(axis=1) - 2
-    keys = {p: context[i, last[i]] for i, p in enumerate(prompts)}
-    erase = [keys[p] for p in FORGET]
-    guide = [keys["cat"]] * len(FORGET)
-    preserve = [keys[p] for p in [*KEEP, *RETAIN]]
+
+def _originals(pipe):
+    layers = cross_attention_modules(denoiser_of(pipe))
+    return layers, {path: {proj: getattr(attn, proj).weight.detach().double().numpy().copy() for proj in ("to_k", "to_v")}
+                    for path, attn in layers.items()}
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd1-bert", "sdxl", "pixart"])
+@pytest.mark.parametrize("erase_prompts", ["anchors", "names"])
+def test_uce_matches_a_direct_numpy_solve(tiny_pipe, kind, erase_prompts):
+    pipe = tiny_pipe(kind)
+    params = UceParams(guide="a photo of a cat", lam=0.5, erase_scale=1.0, preserve_scale=0.7, erase_prompts=erase_prompts)
+    layers, originals = _originals(pipe)
+    erased = FORGET if erase_prompts == "anchors" else ["pikachu"]
+    erase, targets, preserve = _expected_keys(pipe, erased, "a photo of a cat", [*KEEP, *RETAIN])
 
     result = UceEraser.erase(pipe, _request(), params)
-    assert result.stats["subject_fallbacks"] == []
+    assert result.stats["erase_keys"] == len(erase) and result.stats["preserve_keys"] == len(preserve)
+    assert result.stats["erase_prompts"] == {"pikachu": erased}
     for path, attn in layers.items():
-        for index, proj in enumerate(("to_k", "to_v")):
-            expected = _numpy_uce(originals[path][index], erase, guide, preserve, 0.5, 1.0, 0.7)
+        for proj in ("to_k", "to_v"):
+            expected = _numpy_uce(originals[path][proj], erase, targets, preserve, 0.5, 1.0, 0.7)
             edited = getattr(attn, proj).weight.detach().double().numpy()
             np.testing.assert_allclose(edited, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_uce_empty_guide_maps_to_the_start_token_and_style_uses_art(tiny_pipe):
+def test_uce_defaults_are_the_references(tiny_pipe):
+    params = UceParams()
+    assert (params.lam, params.erase_scale, params.preserve_scale) == (0.5, 1.0, 0.1)
+    assert params.technique == "replace" and params.erase_prompts == "names" and params.guide is None
+
+    # The bare name towards " " (its slice starts at the start token), preserve scale 0.1.
     pipe = tiny_pipe("sd1")
-    layers = cross_attention_modules(denoiser_of(pipe))
-    path, attn = next(iter(layers.items()))
-    W0 = attn.to_v.weight.detach().double().numpy().copy()
-    context, mask = _encoded(pipe, [*FORGET, "", *KEEP, *RETAIN])
-    last = mask.sum(axis=1) - 2
-    assert last[len(FORGET)] == 0  # "" -> [BOS, EOS]: the reference code's guide is the start token
-    keys = [context[i, last[i]] for i in range(len(last))]
-    expected = _numpy_uce(W0, keys[:3], [keys[3]] * 3, keys[4:], 0.5, 1.0, 1.0)
-
+    layers, originals = _originals(pipe)
+    erase, targets, preserve = _expected_keys(pipe, ["pikachu"], " ", [*KEEP, *RETAIN])
     result = UceEraser.erase(pipe, _request(), None)
-    assert result.stats["guides"] == {"pikachu": ""}
-    np.testing.assert_allclose(attn.to_v.weight.detach().double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert result.stats["guides"] == {"pikachu": " "} and result.stats["erase_prompts"] == {"pikachu": ["pikachu"]}
+    for path, attn in layers.items():
+        expected = _numpy_uce(originals[path]["to_v"], erase, targets, preserve, 0.5, 1.0, 0.1)
+        np.testing.assert_allclose(attn.to_v.weight.detach().double().numpy(), expected, rtol=1e-5, atol=1e-6)
 
+
+def test_uce_guides_by_category(tiny_pipe):
     style = UceEraser.erase(tiny_pipe("sd1"), _request(category="style"), {})
     assert style.stats["guides"] == {"pikachu": "art"}
     explicit = UceEraser.erase(tiny_pipe("sd1"), _request(category="style"), {"guide": "a tree"})
     assert explicit.stats["guides"] == {"pikachu": "a tree"}
+    empty = UceEraser.erase(tiny_pipe("sd1"), _request(), {"guide": ""})
+    assert empty.stats["guides"] == {"pikachu": " "}  # the reference turns an empty guide into " "
+
+
+def test_uce_without_retain_prompts_preserves_the_empty_prompt(tiny_pipe):
+    pipe = tiny_pipe("sd1-bert")
+    layers, originals = _originals(pipe)
+    erase, targets, preserve = _expected_keys(pipe, ["pikachu"], " ", [""])
+    result = UceEraser.erase(pipe, _request(retain=[], keep=[]), {})
+    assert result.stats["preserved_empty_prompt"] is True and result.stats["preserve_prompts"] == 1
+    for path, attn in layers.items():
+        expected = _numpy_uce(originals[path]["to_k"], erase, targets, preserve, 0.5, 1.0, 0.1)
+        np.testing.assert_allclose(attn.to_k.weight.detach().double().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_uce_result_records_what_it_changed(tiny_pipe):
@@ -132,10 +182,12 @@ def test_uce_result_records_what_it_changed(tiny_pipe):
     denoiser = denoiser_of(pipe)
     layers = cross_attention_modules(denoiser)
     before = {name: tensor.clone() for name, tensor in denoiser.state_dict().items()}
-    result = UceEraser.erase(pipe, _request(forget=[*FORGET, "Pikachu at night"]))
+    result = UceEraser.erase(pipe, _request(forget=[*FORGET, "Pikachu at night"]), {"erase_prompts": "anchors"})
 
-    assert result.stats["subject_fallbacks"] == ["Pikachu at night"]  # T5 is case-sensitive
-    assert result.stats["erase_keys"] == 4 and result.stats["preserve_keys"] == 3
+    length = result.stats["sequence_length"]
+    assert result.stats["preserve_keys"] == 3 * length  # every position of the three retain prompts
+    assert result.stats["erase_keys"] == sum(len(erase_positions(pipe.tokenizer, p, " ", length)[0])
+                                             for p in [*FORGET, "Pikachu at night"])
     expected_names = {f"{path}.{proj}.weight" for path in layers for proj in ("to_k", "to_v")}
     assert set(result.originals) == expected_names  # biases are not part of the fit
     after = denoiser.state_dict()
@@ -144,15 +196,22 @@ def test_uce_result_records_what_it_changed(tiny_pipe):
         if name in expected_names:
             assert torch.equal(result.originals[name], tensor)
     for edit in result.layers:
-        assert edit.stats["erase_keys"] == 4 and edit.stats["preserve_keys"] == 3
+        assert edit.stats["erase_keys"] == result.stats["erase_keys"]
+        assert edit.stats["preserve_keys"] == 3 * length
         assert edit.stats["delta_norm_k"] > 0 and edit.stats["relative_delta_norm_v"] > 0
     for key in ("seconds", "encode_seconds", "solve_seconds"):
         assert result.stats[key] >= 0
+    assert result.artefacts == {}  # UCE has no bases to save
+
+
+def test_uce_rejects_a_prompt_both_erased_and_retained(tiny_pipe):
+    with pytest.raises(ValueError, match="both forgotten and retained"):
+        UceEraser.erase(tiny_pipe("sd1"), _request(keep=["pikachu"]))
 
 
 def test_uce_params_are_validated():
-    assert UceParams().lam == 0.5 and UceParams().guide is None and UceParams().token == "last_subject"
-    for bad in ({"lam": -1}, {"token": "all"}, {"unknown": 1}):
+    for bad in ({"lam": -1}, {"technique": "tensor"}, {"erase_prompts": "all"}, {"token": "last_subject"},
+                {"unknown": 1}):
         with pytest.raises(ValidationError):
             UceParams(**bad)
 
