@@ -11,6 +11,15 @@ at principal angle θ to R is only scaled by cos²θ, so forget directions that 
 part. Because each attention output is a convex combination of value rows, the edited layer's output is E
 applied to the attention-weighted original values: its component along F ∩ R^⊥ is zero whatever the prompt.
 
+When F spans the whole layer width (or E equals P_R numerically), E = P_R: the edit is a projection onto the
+retain span, not PURE. The eraser checks every layer for it, records ``operator`` ("pure" or
+"retain_projection") in the layer's stats and ``operator``, ``reduces_to`` and
+``layers_reduced_to_retain_projection`` in the edit's stats. The ``retain_projection`` eraser
+(``plugins/retain_projection.py``) runs that edit under its own name.
+
+The result's artefacts hold every layer's bases (``forget_bases``, ``retain_bases`` and ``forget_only_bases``,
+float32 ``[width, k]``), which ``apply`` saves with the model.
+
 torch is imported inside functions: ``safeguard plugins`` lists this module without loading torch.
 """
 from __future__ import annotations
@@ -21,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeguard import hookimpl
-from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, replace_weight
+from safeguard.erasers import BASIS_KINDS, EraseRequest, EraseResult, LayerEdit, replace_weight
 
 
 class PureParams(BaseModel):
@@ -37,13 +46,14 @@ class PureParams(BaseModel):
         description="cumulative-variance threshold: keep the fewest right-singular directions whose squared "
                     "singular values reach this fraction of the total (per layer, for F and R alike)",
     )
-    # The forget and retain subspaces may use their own thresholds (default: tau for both). On the embedded
-    # world model a concept's value directions are spread over many small singular directions of the
-    # mean-pooled forget activations: keeping all of them (tau_forget 1.0) with a compact retain basis
-    # (tau_retain 0.75) removed Pikachu, Van Gogh and blood splatter while every neighbour stayed recognised;
-    # tau 0.99 for both left the canonical prompts recognised (the sweep is in the model card).
-    tau_forget: float | None = Field(None, gt=0, le=1, description="threshold for the forget subspace (default: tau)")
-    tau_retain: float | None = Field(None, gt=0, le=1, description="threshold for the retain subspace (default: tau)")
+    # The paper's form has one threshold for both subspaces; tau_forget and tau_retain are explicit overrides.
+    # A forget threshold that keeps the whole layer width (tau_forget 1.0 with at least as many forget rows as
+    # the width) makes P_F = I and E = P_R: keys and values are projected onto the retain span and every other
+    # direction is removed, banned or not. The eraser detects that per layer and reports it; that edit is run
+    # under its own name by the retain_projection eraser.
+    tau_forget: float | None = Field(None, gt=0, le=1, description="override of tau for the forget subspace "
+                                     "(default: tau); 1.0 with enough rows reduces the edit to a retain projection")
+    tau_retain: float | None = Field(None, gt=0, le=1, description="override of tau for the retain subspace (default: tau)")
     steps: int = Field(6, ge=1, description="denoising steps per anchor trajectory")
     seeds: int = Field(2, ge=1, description="starting latents per anchor (seeds request.seed, request.seed + 1, ...)")
     guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance during capture; rows come from the conditional branch")
@@ -172,12 +182,84 @@ def apply_operator(E, weight):
     return (E @ weight.detach().to(torch.float32)).to(weight.dtype)
 
 
+COLLAPSE_TOLERANCE = 1e-6  # relative: ‖E - P_R‖_F <= COLLAPSE_TOLERANCE · ‖P_R‖_F
+
+
+def retain_projection_distance(V_F, V_R=None) -> float:
+    """‖E - P_R‖_F for E = I - P_F (I - P_R); E - P_R = (I - P_F)(I - P_R)."""
+    import torch
+
+    V_F = torch.as_tensor(V_F, dtype=torch.float64)
+    width = V_F.shape[0]
+    V_R = _no_basis(width) if V_R is None else torch.as_tensor(V_R, dtype=torch.float64)
+    identity = torch.eye(width, dtype=torch.float64)
+    outside_forget = identity - V_F @ V_F.T
+    outside_retain = identity - V_R @ V_R.T
+    return float(torch.linalg.matrix_norm(outside_forget @ outside_retain))
+
+
+def reduces_to_retain_projection(V_F, V_R=None, tolerance: float = COLLAPSE_TOLERANCE) -> bool:
+    """Whether E = I - P_F (I - P_R) is (numerically) P_R, the projection onto the retain span.
+
+    True when the forget basis spans the whole width (rank F = width, so P_F = I) or when
+    ‖E - P_R‖_F <= tolerance · ‖P_R‖_F (‖P_R‖_F = sqrt(rank R)). Then every direction outside the retain
+    span is removed, banned or not: the edit is a retain projection, not a concept-specific erasure.
+    """
+    width, rank_forget = V_F.shape
+    if rank_forget >= width:
+        return True
+    rank_retain = 0 if V_R is None else V_R.shape[1]
+    return retain_projection_distance(V_F, V_R) <= tolerance * rank_retain ** 0.5
+
+
+def layer_bases(V_F, V_R):
+    """The bases an edit of one layer used, as saved with the model (float32): forget, retain, forget_only."""
+    import torch
+
+    return {"forget": V_F.to(torch.float32).contiguous(), "retain": V_R.to(torch.float32).contiguous(),
+            "forget_only": forget_only_basis(V_F, V_R).to(torch.float32).contiguous()}
+
+
+def bases_artefacts(bases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``EraseResult.artefacts`` from per-layer :func:`layer_bases`: ``forget_bases``, ``retain_bases`` and
+    ``forget_only_bases``, each ``{layer path: [width, k] float32}``."""
+    return {f"{kind}_bases": {path: layer[kind] for path, layer in bases.items()} for kind in BASIS_KINDS}
+
+
+# ---------------------------------------------------------------------------------------------- capture
+def check_prompts(forget_prompts, retain_prompts) -> None:
+    both = sorted(set(forget_prompts) & set(retain_prompts))
+    if both:
+        raise ValueError(f"prompts both forgotten and retained: {both}")
+
+
+def capture_rows(pipe, prompts, *, steps: int, seeds: int, guidance_scale: float, batch_size: int, seed: int):
+    """Per-layer activation rows of ``prompts`` (see :func:`safeguard.attention.capture_activations`), from
+    ``seeds`` starting latents seeded ``seed``, ``seed + 1``, ..."""
+    from safeguard.attention import capture_activations
+
+    return capture_activations(pipe, prompts, steps=steps, seeds=[seed + i for i in range(seeds)],
+                               guidance_scale=guidance_scale, batch_size=batch_size)
+
+
+def project_layer(attn, path: str, E, *, originals: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Left-multiply ``to_k`` and ``to_v`` of ``attn`` (weights and biases) by ``E``, recording the originals."""
+    for projection_name in ("to_k", "to_v"):
+        projection = getattr(attn, projection_name)
+        replace_weight(projection, apply_operator(E, projection.weight), key=f"{path}.{projection_name}.weight",
+                       originals=originals, stats=stats, short=projection_name.removeprefix("to_"))
+        if projection.bias is not None:
+            # The bias is part of every key/value row, so it goes through the same E.
+            originals[f"{path}.{projection_name}.bias"] = projection.bias.detach().cpu().clone()
+            projection.bias.copy_(apply_operator(E, projection.bias.detach()[:, None])[:, 0])
+
+
 # ----------------------------------------------------------------------------------------------- eraser
 class PureEraser:
     """Closed-form K/V projection of every cross-attention layer, from forget and retain activations."""
 
     name = "pure"
-    version = "1.0.0"
+    version = "1.1.0"
     kind = "weights"
     Params = PureParams
 
@@ -185,7 +267,7 @@ class PureEraser:
     def erase(cls, pipe, request: EraseRequest, params: PureParams | dict | None = None) -> EraseResult:
         import torch
 
-        from safeguard.attention import capture_activations, cross_attention_modules, denoiser_of
+        from safeguard.attention import cross_attention_modules, denoiser_of
 
         if not isinstance(params, PureParams):
             params = PureParams.model_validate(params or {})
@@ -195,27 +277,24 @@ class PureEraser:
         retain_prompts = request.all_retain_prompts
         if not forget_prompts:
             raise ValueError("PURE needs at least one forget prompt")
-        both = sorted(set(forget_prompts) & set(retain_prompts))
-        if both:
-            raise ValueError(f"prompts both forgotten and retained: {both}")
+        check_prompts(forget_prompts, retain_prompts)
 
         denoiser = denoiser_of(pipe)
         layers = cross_attention_modules(denoiser)
         if not layers:
             raise ValueError(f"{type(denoiser).__name__} has no cross-attention layers to edit")
 
-        capture = dict(
-            steps=params.steps, seeds=[request.seed + i for i in range(params.seeds)],
-            guidance_scale=params.guidance_scale, batch_size=params.batch_size,
-        )
-        H_F = capture_activations(pipe, forget_prompts, **capture)
-        H_R = capture_activations(pipe, retain_prompts, **capture) if retain_prompts else {}
+        capture = dict(steps=params.steps, seeds=params.seeds, guidance_scale=params.guidance_scale,
+                       batch_size=params.batch_size, seed=request.seed)
+        H_F = capture_rows(pipe, forget_prompts, **capture)
+        H_R = capture_rows(pipe, retain_prompts, **capture) if retain_prompts else {}
         capture_seconds = time.perf_counter() - started
+        tau_forget = params.tau if params.tau_forget is None else params.tau_forget
+        tau_retain = params.tau if params.tau_retain is None else params.tau_retain
 
         edits: list[LayerEdit] = []
         originals: dict[str, Any] = {}
-        forget_bases: dict[str, Any] = {}
-        retain_bases: dict[str, Any] = {}
+        bases: dict[str, dict[str, Any]] = {}
         solve_started = time.perf_counter()
         with torch.no_grad():
             for path, attn in layers.items():
@@ -223,30 +302,26 @@ class PureEraser:
                 rows_forget = H_F[path]
                 width = rows_forget.shape[1]
                 rows_retain = H_R[path] if retain_prompts else torch.zeros(0, width)
-                V_F = subspace_basis(rows_forget, params.tau_forget or params.tau, params.center, params.max_rank)
-                V_R = subspace_basis(rows_retain, params.tau_retain or params.tau, params.center, params.max_rank)
+                V_F = subspace_basis(rows_forget, tau_forget, params.center, params.max_rank)
+                V_R = subspace_basis(rows_retain, tau_retain, params.center, params.max_rank)
                 E = erasure_operator(V_F, V_R)
+                collapsed = reduces_to_retain_projection(V_F, V_R)
 
                 stats: dict[str, Any] = {
-                    "rank_forget": V_F.shape[1], "rank_retain": V_R.shape[1],
+                    "rank_forget": V_F.shape[1], "rank_retain": V_R.shape[1], "width": width,
                     "variance_kept_forget": explained_variance(rows_forget, V_F, params.center),
                     "variance_kept_retain": explained_variance(rows_retain, V_R, params.center),
                     "rows_forget": rows_forget.shape[0], "rows_retain": rows_retain.shape[0],
+                    "distance_to_retain_projection": retain_projection_distance(V_F, V_R),
+                    "operator": "retain_projection" if collapsed else "pure",
                 }
-                for projection_name in ("to_k", "to_v"):
-                    projection = getattr(attn, projection_name)
-                    replace_weight(projection, apply_operator(E, projection.weight), key=f"{path}.{projection_name}.weight",
-                                   originals=originals, stats=stats, short=projection_name.removeprefix("to_"))
-                    if projection.bias is not None:
-                        # The bias is part of every key/value row, so it goes through the same E.
-                        originals[f"{path}.{projection_name}.bias"] = projection.bias.detach().cpu().clone()
-                        projection.bias.copy_(apply_operator(E, projection.bias.detach()[:, None])[:, 0])
+                project_layer(attn, path, E, originals=originals, stats=stats)
                 stats["seconds"] = time.perf_counter() - layer_started
                 edits.append(LayerEdit(module=path, stats=stats))
-                forget_bases[path] = V_F.to(torch.float32)
-                retain_bases[path] = V_R.to(torch.float32)
+                bases[path] = layer_bases(V_F, V_R)
         solve_seconds = time.perf_counter() - solve_started
 
+        reduced = sum(edit.stats["operator"] == "retain_projection" for edit in edits)
         return EraseResult(
             layers=edits,
             originals=originals,
@@ -255,6 +330,10 @@ class PureEraser:
                 "capture_seconds": capture_seconds,
                 "solve_seconds": solve_seconds,
                 "layers": len(edits),
+                # "pure" when no layer collapses; otherwise what the edit is in the collapsed layers.
+                "operator": "pure" if not reduced else "retain_projection" if reduced == len(edits) else "mixed",
+                "reduces_to": "retain_projection" if reduced else None,
+                "layers_reduced_to_retain_projection": reduced,
                 "forget_prompts": len(forget_prompts),
                 "retain_prompts": len(retain_prompts),
                 "rows_forget_per_layer": edits[0].stats["rows_forget"],
@@ -263,7 +342,7 @@ class PureEraser:
                              for c in request.concepts},
                 "params": params.model_dump(),
             },
-            artefacts={"forget_bases": forget_bases, "retain_bases": retain_bases},
+            artefacts=bases_artefacts(bases),
         )
 
 

@@ -84,11 +84,17 @@ def _print_apply_summary(outcome):
     click.echo(f"run {outcome.run_id}: wrote {outcome.out_dir}")
     if "seconds" in stats:
         click.echo(f"  edit took {stats['seconds']:.2f}s over {len(outcome.layers)} cross-attention layers")
+    if stats.get("reduces_to") == "retain_projection":
+        click.echo(f"  PURE with these thresholds reduces to a projection onto the retain span in "
+                   f"{stats.get('layers_reduced_to_retain_projection', 0)}/{len(outcome.layers)} layers; "
+                   "this edit is not PURE")
     for layer in outcome.layers:
         s = layer.stats
-        if "rank_forget" in s:
-            click.echo(f"  {layer.module}: rank F {s['rank_forget']}, rank R {s['rank_retain']}, "
-                       f"|dWk| {s.get('delta_norm_k', 0):.3f}, |dWv| {s.get('delta_norm_v', 0):.3f}")
+        if "rank_retain" in s:
+            forget = f"rank F {s['rank_forget']}, " if "rank_forget" in s else ""
+            projection = " (retain projection)" if s.get("operator") == "retain_projection" else ""
+            click.echo(f"  {layer.module}: {forget}rank R {s['rank_retain']}, "
+                       f"|dWk| {s.get('delta_norm_k', 0):.3f}, |dWv| {s.get('delta_norm_v', 0):.3f}{projection}")
 
 
 @cli.command()

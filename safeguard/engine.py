@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .erasers import ConceptRequest, EraseRequest
+from .erasers import ConceptRequest, EraseRequest, edit_bases
 from .errors import PolicyError
 from .faults import crash_point
 from .policy import LoadedPolicy
@@ -103,7 +103,8 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
                   "eraser_version": plan.eraser_cls.version, "eraser_params": plan.params.model_dump(mode="json"),
                   "source": str(policy.model.source), "concepts": [c.name for c in plan.request.concepts],
                   "edited_modules": [layer.module for layer in result.layers], "lineage": lineage}
-        modelio.write_pipeline_atomically(pipe, plan.out_dir, originals=result.originals, record=record, denoiser_name=name)
+        modelio.write_pipeline_atomically(pipe, plan.out_dir, originals=result.originals, record=record, denoiser_name=name,
+                                          bases=edit_bases(result.artefacts))
         crash_point("apply:after-rename")
         output_files = modelio.hash_model_folder(plan.out_dir)
         with db.session() as s:

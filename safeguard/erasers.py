@@ -48,8 +48,24 @@ class EraseResult:
     # written to the edit file so `safeguard revert` restores the model bit for bit.
     originals: dict[str, Any]
     stats: dict[str, Any] = field(default_factory=dict)  # whole-edit statistics (seconds, rows, per concept)
-    # Optional artefacts probes may reuse, e.g. PURE's per-layer forget bases for the activation screen.
+    # Optional artefacts probes may reuse. Per-layer bases go under "<kind>_bases" for each kind of
+    # BASIS_KINDS ({layer path: Tensor[width, k]}); `apply` saves them with the model (see edit_bases).
     artefacts: dict[str, Any] = field(default_factory=dict)
+
+
+# The bases a projection eraser used, per layer: the forget basis V_F, the retain basis V_R and the
+# forget-only basis span((I - P_R) V_F) the activation screen reads.
+BASIS_KINDS = ("forget", "retain", "forget_only")
+
+
+def edit_bases(artefacts: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """``{layer path: {kind: Tensor}}`` from an EraseResult's artefacts (the kinds of BASIS_KINDS it has), or
+    None when it has no bases."""
+    bases: dict[str, dict[str, Any]] = {}
+    for kind in BASIS_KINDS:
+        for layer, basis in (artefacts.get(f"{kind}_bases") or {}).items():
+            bases.setdefault(layer, {})[kind] = basis
+    return bases or None
 
 
 def replace_weight(projection, weight, *, key: str, originals: dict[str, Any], stats: dict[str, Any], short: str) -> None:

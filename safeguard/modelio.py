@@ -19,6 +19,7 @@ from .faults import crash_point
 
 EDIT_TENSORS = "safeguard_edit.safetensors"  # original values of every tensor an edit changed
 EDIT_RECORD = "safeguard_edit.json"  # what was done, by which run, and the model's lineage
+EDIT_BASES = "safeguard_bases.safetensors"  # per-layer bases a projection eraser used (forget, retain, forget_only)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 EMBEDDED_PREFIX = "embedded:"
 
@@ -159,6 +160,32 @@ def read_edit_record(folder: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+def read_edit_bases(folder: Path) -> dict[str, dict] | None:
+    """``{layer path: {"forget" | "retain" | "forget_only": Tensor[width, k]}}`` saved with an edit (float32),
+    or None when the eraser saved none (UCE, none) or the folder is not an edited model."""
+    from safetensors import safe_open
+
+    path = Path(folder) / EDIT_BASES
+    if not path.exists():
+        return None
+    bases: dict[str, dict] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for key in fh.keys():
+            layer, _, kind = key.rpartition(".")
+            bases.setdefault(layer, {})[kind] = fh.get_tensor(key)
+    return bases
+
+
+def _bases_tensors(bases: dict[str, dict]) -> dict:
+    import torch
+
+    tensors = {}
+    for layer, kinds in bases.items():
+        for kind, basis in kinds.items():
+            tensors[f"{layer}.{kind}"] = torch.as_tensor(basis).detach().to("cpu", torch.float32).contiguous()
+    return tensors
+
+
 def _fsync_tree(root: Path) -> None:
     for p in root.rglob("*"):
         if p.is_file():
@@ -167,8 +194,11 @@ def _fsync_tree(root: Path) -> None:
 
 
 def write_pipeline_atomically(pipe, out_dir: Path, *, originals: dict | None, record: dict | None,
-                              denoiser_name: str) -> Path:
+                              denoiser_name: str, bases: dict[str, dict] | None = None) -> Path:
     """Save ``pipe`` (safetensors) plus the edit file to ``out_dir``, replacing an earlier safeguard output.
+
+    ``bases`` (``{layer path: {kind: Tensor}}``, see :func:`read_edit_bases`) are written beside the model as
+    ``safeguard_bases.safetensors`` in the same folder, so they are hashed with the model files.
 
     The folder appears at ``out_dir`` only once complete; a folder there that safeguard did not write is
     never deleted.
@@ -190,6 +220,8 @@ def write_pipeline_atomically(pipe, out_dir: Path, *, originals: dict | None, re
         if originals is not None:
             tensors = {f"{denoiser_name}/{k}": v.detach().cpu().contiguous() for k, v in originals.items()}
             save_file(tensors, tmp / EDIT_TENSORS, metadata={"denoiser": denoiser_name})
+        if bases:
+            save_file(_bases_tensors(bases), tmp / EDIT_BASES, metadata={"denoiser": denoiser_name})
         if record is not None:
             (tmp / EDIT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         _fsync_tree(tmp)
@@ -256,8 +288,9 @@ def revert_pipeline(folder: Path, out_dir: Path) -> Path:
     lineage = record.get("lineage", [])
     parent = lineage[-2] if len(lineage) >= 2 else None
     parent_record = {**parent, "lineage": lineage[:-1]} if parent else None
-    # The reverted model carries the parent's edit record (if any) but not its tensors: only the latest
-    # edit step can be undone from one folder. Leftovers of a killed earlier write go first, as in apply.
+    # The reverted model carries the parent's edit record (if any) but not its tensors, nor the bases of the
+    # edit it undoes: only the latest edit step can be undone from one folder. Leftovers of a killed earlier
+    # write go first, as in apply.
     clean_partial_outputs(out_dir)
     return write_pipeline_atomically(pipe, out_dir, originals=None,
                                      record=parent_record or {"reverted_from": record.get("run_id"), "lineage": []},

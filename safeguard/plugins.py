@@ -16,6 +16,7 @@ from . import hookspecs
 
 DEFAULT_PLUGINS = (
     "safeguard.builtin.pure",
+    "safeguard.builtin.retain_projection",
     "safeguard.builtin.uce",
     "safeguard.builtin.none",
     "safeguard.builtin.probes",

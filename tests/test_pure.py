@@ -14,6 +14,8 @@ from safeguard.builtin.pure import (
     erasure_operator,
     explained_variance,
     forget_only_basis,
+    reduces_to_retain_projection,
+    retain_projection_distance,
     subspace_basis,
 )
 from safeguard.erasers import ConceptRequest, EraseRequest
@@ -269,3 +271,175 @@ def test_pure_without_retain_prompts_projects_out_the_forget_subspace(tiny_pipe)
 def test_pure_rejects_a_prompt_both_forgotten_and_retained(tiny_pipe):
     with pytest.raises(ValueError, match="both forgotten and retained"):
         PureEraser.erase(tiny_pipe("sd1"), _request(retain=[*RETAIN, FORGET[0]]))
+
+
+# ------------------------------------------------------------------------------------------ collapse to P_R
+def test_full_width_forget_basis_reduces_to_the_retain_projection():
+    V_F, V_R, _, g = _forget_and_retain()
+    d = V_F.shape[0]
+    assert not reduces_to_retain_projection(V_F, V_R)
+    assert retain_projection_distance(V_F, V_R) > 0.1
+    full = _orthonormal(d, d, g)  # rank F = width: P_F = I, E = P_R
+    assert reduces_to_retain_projection(full, V_R)
+    torch.testing.assert_close(erasure_operator(full, V_R), _projector(V_R), rtol=0, atol=1e-12)
+    # A forget basis that holds the whole orthogonal complement of R gives E = P_R below full rank too.
+    complement = torch.linalg.svd(torch.eye(d, dtype=torch.float64) - _projector(V_R))[0][:, : d - V_R.shape[1]]
+    assert complement.shape[1] < d and reduces_to_retain_projection(complement, V_R)
+    assert retain_projection_distance(complement, V_R) < 1e-12
+    # No retain basis: a full-width forget basis removes everything (E = 0 = P_R).
+    assert reduces_to_retain_projection(full, None) and not reduces_to_retain_projection(V_F, None)
+
+
+def test_pure_detects_and_reports_the_collapse_per_layer(tiny_pipe):
+    rows = len(FORGET) * 2 * 6  # 72 forget rows per layer, more than the widest layer (64)
+    collapsed = PureEraser.erase(tiny_pipe("sd1"), _request(), {"tau_forget": 1.0})
+    widths = {edit.stats["width"] for edit in collapsed.layers}
+    assert max(widths) <= rows
+    for edit in collapsed.layers:
+        assert edit.stats["rank_forget"] == edit.stats["width"]
+        assert edit.stats["operator"] == "retain_projection"
+        assert edit.stats["distance_to_retain_projection"] < 1e-6
+    n = len(collapsed.layers)
+    assert collapsed.stats["reduces_to"] == "retain_projection"
+    assert collapsed.stats["layers_reduced_to_retain_projection"] == n
+    assert collapsed.stats["operator"] == "retain_projection"
+
+    default = PureEraser.erase(tiny_pipe("sd1"), _request(), None)
+    assert default.stats["operator"] == "pure" and default.stats["reduces_to"] is None
+    assert default.stats["layers_reduced_to_retain_projection"] == 0
+    for edit in default.layers:
+        assert edit.stats["operator"] == "pure" and edit.stats["rank_forget"] < edit.stats["width"]
+        assert edit.stats["distance_to_retain_projection"] > 1e-3
+
+
+def test_single_tau_is_the_default_and_overrides_apply_separately(tiny_pipe):
+    params = PureParams()
+    assert params.tau_forget is None and params.tau_retain is None
+    one = PureEraser.erase(tiny_pipe("sd1"), _request(), {"tau": 0.99, "steps": 2, "seeds": 1})
+    both = PureEraser.erase(tiny_pipe("sd1"), _request(), {"tau_forget": 0.99, "tau_retain": 0.99, "steps": 2, "seeds": 1})
+    assert [e.stats["rank_forget"] for e in one.layers] == [e.stats["rank_forget"] for e in both.layers]
+    assert [e.stats["rank_retain"] for e in one.layers] == [e.stats["rank_retain"] for e in both.layers]
+
+
+def test_pure_returns_the_forget_only_bases(tiny_pipe):
+    result = PureEraser.erase(tiny_pipe("sd1"), _request(), {"steps": 2, "seeds": 1})
+    assert set(result.artefacts) == {"forget_bases", "retain_bases", "forget_only_bases"}
+    for edit in result.layers:
+        V_F = result.artefacts["forget_bases"][edit.module].double()
+        V_R = result.artefacts["retain_bases"][edit.module].double()
+        Q = result.artefacts["forget_only_bases"][edit.module]
+        assert Q.dtype == torch.float32
+        expected = forget_only_basis(V_F, V_R)
+        torch.testing.assert_close(_projector(Q.double()), _projector(expected), rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ apply: saved bases
+APPLY_POLICY = """\
+version: 1
+name: tiny-bases
+model:
+  source: model
+eraser:
+  name: {eraser}
+  params: {params}
+concepts:
+  - name: pikachu
+    category: character
+    forget_anchors: [a photo of pikachu, pikachu in a garden, pikachu on the beach, pikachu at night]
+    neighbours: [mario]
+    neighbour_anchors:
+      mario: [a photo of mario, mario in a garden]
+keep: [a photo of a cat]
+output:
+  dir: edited
+"""
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_pipeline_root, monkeypatch):
+    import shutil
+
+    from fixtures import tiny_pipeline_dir
+
+    shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
+    return tmp_path
+
+
+def _apply_cli(ws, eraser="pure", params="{steps: 2, seeds: 1}"):
+    from click.testing import CliRunner
+
+    from safeguard.cli import cli
+
+    (ws / "policy.yaml").write_text(APPLY_POLICY.format(eraser=eraser, params=params))
+    result = CliRunner().invoke(cli, ["apply", "policy.yaml"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_apply_saves_the_bases_with_the_model(workspace):
+    from safetensors.torch import load_file
+
+    from safeguard.modelio import EDIT_BASES, EDIT_TENSORS, hash_model_folder, load_pipeline, read_edit_bases
+
+    result = _apply_cli(workspace)
+    assert "this edit is not PURE" not in result.output
+    out = workspace / "edited"
+    assert (out / EDIT_BASES).exists()
+    assert EDIT_BASES in {f["path"] for f in hash_model_folder(out).files}  # hashed with the model files
+    bases = read_edit_bases(out)
+    unet = load_pipeline(out).unet
+    layers = cross_attention_modules(unet)
+    assert set(bases) == set(layers)
+    originals = load_file(out / EDIT_TENSORS)
+    for path, attn in layers.items():
+        assert set(bases[path]) == {"forget", "retain", "forget_only"}
+        V_F, V_R, Q = bases[path]["forget"], bases[path]["retain"], bases[path]["forget_only"]
+        assert all(b.dtype == torch.float32 and b.shape[0] == attn.inner_dim for b in (V_F, V_R, Q))
+        torch.testing.assert_close(_projector(Q.double()), _projector(forget_only_basis(V_F.double(), V_R.double())),
+                                   rtol=0, atol=1e-4)
+        # The saved bases are the ones the edit used: they rebuild the edited weights from the originals.
+        E = erasure_operator(V_F.double(), V_R.double()).float()
+        for proj in ("to_k", "to_v"):
+            original = originals[f"unet/{path}.{proj}.weight"]
+            torch.testing.assert_close(getattr(attn, proj).weight, E @ original, rtol=1e-4, atol=1e-5)
+
+
+def test_saved_bases_round_trip(tmp_path, tiny_pipe):
+    from safeguard.modelio import read_edit_bases, write_pipeline_atomically
+
+    g = torch.Generator().manual_seed(5)
+    bases = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2": {
+        "forget": _orthonormal(32, 3, g), "retain": torch.zeros(32, 0, dtype=torch.float64),
+        "forget_only": _orthonormal(32, 3, g)}}
+    out = write_pipeline_atomically(tiny_pipe("sd1"), tmp_path / "out", originals={}, record={"run_id": "x"},
+                                    denoiser_name="unet", bases=bases)
+    read = read_edit_bases(out)
+    assert read.keys() == bases.keys()
+    for layer, kinds in bases.items():
+        assert read[layer].keys() == kinds.keys()
+        for kind, basis in kinds.items():
+            assert read[layer][kind].dtype == torch.float32 and read[layer][kind].shape == basis.shape
+            assert torch.equal(read[layer][kind], basis.float())
+    assert read_edit_bases(tmp_path) is None
+
+
+def test_revert_does_not_carry_the_bases(workspace):
+    from click.testing import CliRunner
+
+    from safeguard.cli import cli
+    from safeguard.modelio import EDIT_BASES, read_edit_bases
+
+    _apply_cli(workspace)
+    result = CliRunner().invoke(cli, ["revert", "edited", "--out", "restored"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not (workspace / "restored" / EDIT_BASES).exists() and read_edit_bases(workspace / "restored") is None
+
+
+def test_apply_prints_a_notice_when_pure_reduces_to_a_retain_projection(workspace):
+    # 4 anchors x 2 seeds x 10 steps = 80 forget rows per layer, more than the widest layer (64).
+    result = _apply_cli(workspace, params="{tau_forget: 1.0, steps: 10, seeds: 2}")
+    lines = [line for line in result.output.splitlines() if "reduces to a projection" in line]
+    assert [line.strip() for line in lines] == [
+        "PURE with these thresholds reduces to a projection onto the retain span in 4/4 layers; this edit is not PURE"]

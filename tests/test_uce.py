@@ -216,6 +216,25 @@ def test_uce_params_are_validated():
             UceParams(**bad)
 
 
+def test_apply_with_uce_saves_no_bases(tmp_path, tiny_pipeline_root, monkeypatch):
+    import shutil
+
+    from fixtures import tiny_pipeline_dir, tiny_policy_text
+
+    from safeguard.engine import apply_policy
+    from safeguard.modelio import EDIT_BASES, EDIT_RECORD, read_edit_bases
+    from safeguard.policy import load_policy
+
+    shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
+    (tmp_path / "policy.yaml").write_text(tiny_policy_text("tiny-uce", eraser="uce", params="{}"))
+    apply_policy(load_policy(tmp_path / "policy.yaml"), echo=lambda m: None)
+    out = tmp_path / "edited"
+    assert (out / EDIT_RECORD).exists() and not (out / EDIT_BASES).exists()
+    assert read_edit_bases(out) is None
+
+
 # ------------------------------------------------------------------------------------------ registration
 def test_builtin_erasers_are_registered():
     from safeguard.builtin.pure import PureEraser
