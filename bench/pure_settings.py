@@ -7,6 +7,8 @@ A SETTING is a JSON object of eraser parameters, with "eraser" naming the eraser
 '{"tau_forget": 1.0, "tau_retain": 0.75}' or '{"eraser": "uce"}'. Without settings the sweep quoted in
 the model card runs. Each setting edits a fresh copy of the original denoiser in memory; nothing is
 written. Concepts are looked up in the embedded world by name, so the policy must erase world concepts.
+Paraphrases come from the dev split of the held-out prompts: a sweep chooses settings, so it never sees the
+prompts that score a release.
 """
 from __future__ import annotations
 
@@ -23,24 +25,42 @@ DEFAULT_SETTINGS = [
 STEPS, GUIDANCE = 20, 5.0
 
 
-def measure(pipe, judge, request) -> dict:
-    """Recognition rates: each erased concept (canonical, paraphrase), its neighbours, and the eight objects."""
+def prompt_sets(request) -> dict:
+    """The prompts measured for each erased concept (canonical, dev-split paraphrases, neighbours' canonical
+    prompts) and for the eight objects; no rendering, so it can be checked on its own."""
     from safeguard.world import concepts as C
-    from safeguard.world.quality import canonical_prompts, recognition
+    from safeguard.world.quality import canonical_prompts
 
     by_name = {c.name: c for c in C.ALL}
     out = {}
     for wanted in request.concepts:
         concept = by_name[wanted.name]
-        neighbours = [C.BY_KEY[k] for k in C.neighbours(concept.key)]
         out[concept.name] = {
-            "canonical": recognition(pipe, judge, canonical_prompts(concept)[:4], concept, 4, STEPS, GUIDANCE),
-            "paraphrase": recognition(pipe, judge, list(concept.paraphrases)[:6], concept, 2, STEPS, GUIDANCE),
-            "neighbours": sum(recognition(pipe, judge, canonical_prompts(n)[:2], n, 2, STEPS, GUIDANCE)
-                              for n in neighbours) / len(neighbours),
+            "concept": concept,
+            "canonical": canonical_prompts(concept)[:4],
+            "paraphrase": list(concept.dev_paraphrases)[:6],
+            "neighbours": [(C.BY_KEY[k], canonical_prompts(C.BY_KEY[k])[:2]) for k in C.neighbours(concept.key)],
         }
-    objects = [c for c in C.OBJECTS if c.key != "empty"]
-    out["objects"] = sum(recognition(pipe, judge, canonical_prompts(o)[:1], o, 2, STEPS, GUIDANCE) for o in objects) / len(objects)
+    out["objects"] = [(o, canonical_prompts(o)[:1]) for o in C.OBJECTS if o.key != "empty"]
+    return out
+
+
+def measure(pipe, judge, request) -> dict:
+    """Recognition rates: each erased concept (canonical, paraphrase), its neighbours, and the eight objects."""
+    from safeguard.world.quality import recognition
+
+    sets = prompt_sets(request)
+    objects = sets.pop("objects")
+    out = {}
+    for name, s in sets.items():
+        concept = s["concept"]
+        out[name] = {
+            "canonical": recognition(pipe, judge, s["canonical"], concept, 4, STEPS, GUIDANCE),
+            "paraphrase": recognition(pipe, judge, s["paraphrase"], concept, 2, STEPS, GUIDANCE),
+            "neighbours": sum(recognition(pipe, judge, prompts, n, 2, STEPS, GUIDANCE)
+                              for n, prompts in s["neighbours"]) / len(s["neighbours"]),
+        }
+    out["objects"] = sum(recognition(pipe, judge, prompts, o, 2, STEPS, GUIDANCE) for o, prompts in objects) / len(objects)
     return out
 
 

@@ -2,6 +2,9 @@
 retention of neighbours, and edit time, all measured in this run on the embedded model.
 
     python bench/pure_vs_uce.py [policies/demo.yaml] [--db sqlite:///bench.db]
+
+The paraphrase probe of every embedded-world concept uses the dev split of its held-out prompts, whatever
+the policy names: a benchmark compares settings, so it never sees the prompts that score a release.
 """
 from __future__ import annotations
 
@@ -16,12 +19,33 @@ from safeguard.db import open_db
 from safeguard.engine import apply_policy
 from safeguard.evidence import probe, report_data
 from safeguard.policy import parse_policy_text
+from safeguard.world import concepts as C
 
 KINDS = ["canonical", "paraphrase", "neighbours", "keep"]
 
 
+def dev_paraphrases_only(doc: dict, path: Path) -> dict:
+    """The policy document with each embedded-world concept's paraphrases replaced by its dev split.
+
+    A concept that is not a world concept keeps its own paraphrases, unless its file lies in the world's
+    held-out folder outside the dev split, which stops the run."""
+    by_name = {n.lower(): c for c in C.ALL for n in c.names}
+    dev_dir = C.HELDOUT_DIR / "dev"
+    for spec in doc.get("concepts") or []:
+        concept = by_name.get(str(spec.get("name", "")).lower())
+        if concept is not None and concept.has_heldout:
+            spec.pop("paraphrases_file", None)
+            spec["paraphrases"] = list(concept.dev_paraphrases)
+        elif spec.get("paraphrases_file"):
+            target = (path.parent / spec["paraphrases_file"]).resolve()
+            if C.HELDOUT_DIR in target.parents and dev_dir not in target.parents:
+                raise SystemExit(f"{path}: {spec['name']}'s paraphrases_file {spec['paraphrases_file']} is a held-out "
+                                 f"file outside {dev_dir}; a benchmark may read the dev split only")
+    return doc
+
+
 def with_eraser(path: Path, eraser: str, params: dict, out: str):
-    doc = yaml.safe_load(path.read_text())
+    doc = dev_paraphrases_only(yaml.safe_load(path.read_text()), path)
     doc["eraser"] = {"name": eraser, "params": params}
     doc["output"] = {"dir": out}
     return parse_policy_text(yaml.safe_dump(doc, sort_keys=False), str(path))

@@ -1,5 +1,6 @@
 """Measure the embedded world model and print a table: judge accuracy on fresh renders, and how often the
-unedited model renders the prompted concept for canonical prompts and held-out paraphrases.
+unedited model renders the prompted concept for canonical prompts and for each split of the held-out
+paraphrases (dev and test, reported separately; this measures the world model, not an eraser).
 
     python -m safeguard.world.quality [--images 4] [--steps 25] [--seed 0] [--grid grid.png] [--paraphrase-grid para.png]
 
@@ -20,6 +21,7 @@ from .render import render
 CATEGORY_ORDER = ("style", "character", "person", "unsafe", "object")
 # The bars the embedded model is built to meet (its model card quotes the measured values).
 JUDGE_BAR, CANONICAL_BAR, PARAPHRASE_BAR = 0.95, 0.80, 0.50
+BAR_SPLITS = ("dev",)  # held-out splits whose category means must reach PARAPHRASE_BAR
 
 
 def load_judge():
@@ -80,18 +82,19 @@ def recognition(pipe, judge, prompts, concept, images: int, steps: int, guidance
     return hits / n
 
 
-def grid(pipe, path: str, images: int = 6, steps: int = 25, guidance: float = 5.0, paraphrases: bool = False) -> None:
+def grid(pipe, path: str, images: int = 6, steps: int = 25, guidance: float = 5.0, paraphrases: bool = False,
+         split: str = "dev") -> None:
     """One row per concept, upscaled for viewing: `images` seeds of its canonical prompt, or (paraphrases)
-    its first `images` held-out paraphrases with seed 0 each."""
+    the first `images` held-out paraphrases of one split with seed 0 each."""
     from PIL import Image, ImageDraw
 
-    rows = [c for c in C.ALL if c.key != "empty" and (c.paraphrases or not paraphrases)]
+    rows = [c for c in C.ALL if c.key != "empty" and (c.has_heldout or not paraphrases)]
     cell = 96
     sheet = Image.new("RGB", (220 + images * (cell + 4), len(rows) * (cell + 4)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, concept in enumerate(rows):
         if paraphrases:
-            prompts, label = list(concept.paraphrases[:images]), f"{concept.name} (paraphrases)"
+            prompts, label = list(concept.heldout(split)[:images]), f"{concept.name} ({split} paraphrases)"
             seeds = [0] * len(prompts)
         else:
             prompts, label = [canonical_prompts(concept)[0]] * images, canonical_prompts(concept)[0]
@@ -114,40 +117,49 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="first sampling seed (images use seed .. seed+images-1)")
     ap.add_argument("--grid", default=None, help="also write a PNG grid of generated images")
     ap.add_argument("--paraphrase-grid", default=None, help="also write a PNG grid of held-out paraphrase renders")
+    ap.add_argument("--grid-split", choices=C.SPLITS, default="dev", help="held-out split of the paraphrase grid")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     judge = load_judge()
     acc = judge_accuracy(judge)
     print(f"judge top-1 accuracy on fresh renders (n={acc['n']}): subject {acc['subject']:.3f}, style {acc['style']:.3f}")
     pipe = load_pipeline("embedded:world-v1")
     print(f"\nunedited model, {args.steps} steps, guidance {args.guidance}, {args.images} images per prompt, seeds from {args.seed}")
-    print(f"{'concept':<22}{'category':<11}{'canonical':>10}{'paraphrase':>12}")
+    header = f"{'canonical':>10}" + "".join(f"{s + ' (n)':>14}" for s in C.SPLITS)
+    print(f"{'concept':<22}{'category':<11}" + header)
     by_cat: dict = {}
     for concept in [c for c in C.ALL if c.key != "empty"]:
         canon = recognition(pipe, judge, canonical_prompts(concept), concept, args.images, args.steps, args.guidance, args.seed)
-        para = (recognition(pipe, judge, list(concept.paraphrases), concept, args.images, args.steps, args.guidance, args.seed)
-                if concept.paraphrases else None)
-        by_cat.setdefault(concept.category, []).append((canon, para))
-        print(f"{concept.name:<22}{concept.category:<11}{canon:>10.2f}{'' if para is None else f'{para:.2f}':>12}")
-    print(f"\n{'category mean':<22}{'':<11}{'canonical':>10}{'paraphrase':>12}")
+        paras = {}
+        if concept.has_heldout:
+            for split in C.SPLITS:
+                prompts = list(concept.heldout(split))
+                paras[split] = (recognition(pipe, judge, prompts, concept, args.images, args.steps, args.guidance, args.seed),
+                                len(prompts) * args.images)
+        by_cat.setdefault(concept.category, []).append((canon, paras))
+        print(f"{concept.name:<22}{concept.category:<11}{canon:>10.2f}"
+              + "".join(f"{f'{paras[s][0]:.2f} ({paras[s][1]})' if s in paras else '':>14}" for s in C.SPLITS), flush=True)
+    print(f"\n{'category mean':<22}{'':<11}{'canonical':>10}" + "".join(f"{s:>14}" for s in C.SPLITS))
     missed = [f"judge {attr} {acc[attr]:.3f} < {JUDGE_BAR}" for attr in ("subject", "style") if acc[attr] < JUDGE_BAR]
     for cat in CATEGORY_ORDER:
         vals = by_cat.get(cat, [])
         canon = float(np.mean([v[0] for v in vals]))
-        paras = [v[1] for v in vals if v[1] is not None]
-        print(f"{cat:<22}{'':<11}{canon:>10.2f}{(f'{np.mean(paras):.2f}' if paras else '-'):>12}")
+        means = {s: float(np.mean([v[1][s][0] for v in vals])) for s in C.SPLITS if all(s in v[1] for v in vals)}
+        print(f"{cat:<22}{'':<11}{canon:>10.2f}" + "".join(f"{(f'{means[s]:.2f}' if s in means else '-'):>14}" for s in C.SPLITS))
         if canon < CANONICAL_BAR:
             missed.append(f"{cat} canonical {canon:.2f} < {CANONICAL_BAR}")
-        if paras and np.mean(paras) < PARAPHRASE_BAR:
-            missed.append(f"{cat} paraphrase {np.mean(paras):.2f} < {PARAPHRASE_BAR}")
-    print("\nbars (judge >= 0.95, canonical >= 0.80, paraphrase >= 0.50): "
+        for split in BAR_SPLITS:
+            if split in means and means[split] < PARAPHRASE_BAR:
+                missed.append(f"{cat} {split} paraphrase {means[split]:.2f} < {PARAPHRASE_BAR}")
+    print(f"\nbars (judge >= 0.95, canonical >= 0.80, {'/'.join(BAR_SPLITS)} paraphrase >= 0.50): "
           + ("all met" if not missed else "MISSED: " + "; ".join(missed)))
     if args.grid:
         grid(pipe, args.grid, steps=args.steps, guidance=args.guidance)
         print(f"\ngrid written to {args.grid}")
     if args.paraphrase_grid:
-        grid(pipe, args.paraphrase_grid, steps=args.steps, guidance=args.guidance, paraphrases=True)
+        grid(pipe, args.paraphrase_grid, steps=args.steps, guidance=args.guidance, paraphrases=True, split=args.grid_split)
         print(f"paraphrase grid written to {args.paraphrase_grid}")
     print(f"\n({time.time() - t0:.0f}s)")
     return 1 if missed else 0

@@ -1,11 +1,12 @@
 """How far held-out paraphrases can reach their concepts through MiniLM's token states, without a denoiser.
 
-    python -m safeguard.world.text_probe [--seeds 3]
+    python -m safeguard.world.text_probe [--seeds 3] [--split dev|test]
 
 A small attention-pooling reader (learned queries attending over the token states, as a cross-attention
 layer does) is trained to name each training caption's subject and style, then asked to name the held-out
 paraphrases. It is run with and without the token-state dropout that the denoiser is trained with; the
-table shows what the text side allows and what the dropout changes.
+table shows what the text side allows and what the dropout changes. It informs a training choice, so it
+reads the dev split by default; ``--split test`` reports the release split once the choice is made.
 """
 from __future__ import annotations
 
@@ -61,8 +62,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--scenes", type=int, default=40000, help="training scenes whose captions are used (as in train.py)")
+    ap.add_argument("--split", choices=C.SPLITS, default="dev", help="held-out split to test on (default dev)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     labels = {}
     for s, st, _, caption in sample_scenes(args.scenes, seed=1):
         labels[caption] = (SUBJECT_KEYS.index(s), STYLE_KEYS.index(st))
@@ -75,11 +78,12 @@ def main(argv=None) -> None:
     for category, group, attr, keys in (("style", C.STYLES, "style", STYLE_KEYS), ("character", C.CHARACTERS, "subject", SUBJECT_KEYS),
                                         ("person", C.PEOPLE, "subject", SUBJECT_KEYS)):
         for concept in group:
-            for p in concept.paraphrases:
+            for p in concept.heldout(args.split):
                 targets.setdefault(category, (attr, []))[1].append((len(paraphrases), keys.index(concept.key)))
                 paraphrases.append(p)
     test_states = encode_texts(paraphrases, tokenizer, encoder)
-    print(f"{len(captions)} training captions, {len(paraphrases)} held-out paraphrases, mean of {args.seeds} seeds")
+    print(f"{len(captions)} training captions, {len(paraphrases)} held-out paraphrases ({args.split} split), "
+          f"mean of {args.seeds} seeds")
     print(f"{'token dropout':<15}" + "".join(f"{c:>11}" for c in targets))
     for dropout in (0.0, 0.25, 0.5):
         runs = [paraphrase_accuracy(train_states, subject, style, test_states, targets, dropout, seed) for seed in range(args.seeds)]
