@@ -8,8 +8,8 @@ defaults): a closed form, solved for every cross-attention ``to_k`` and ``to_v``
 
 with λ = 0.5, s_e = 1 and s_p = 0.1 by default, and these keys (L = the encoder's sequence length, padding
 included; positions count from 0; "last content token" = the last token that is not BOS/EOS/[CLS]/[SEP]/
-pad, which is ``attention_mask.sum() - 2`` for CLIP and BERT tokenizers and 0 when the text has none, e.g.
-``" "``):
+pad: ``attention_mask.sum() - 2`` for the CLIP, BERT and T5 tokenizers; 0 when the text has no content
+token, e.g. ``" "``):
 
 * Erase keys k_e and their guide keys g_e. Each erase prompt p is paired with its concept's guide text g.
   With i_p and i_g the last content tokens of p and g and n = L - max(i_p, i_g), the erase keys are the

@@ -109,3 +109,13 @@ def test_apply_saves_its_bases(tmp_path, tiny_pipeline_root, monkeypatch):
         width = edit.stats["width"]
         assert bases[edit.module]["forget"].shape == (width, width)
         assert bases[edit.module]["retain"].shape == (width, edit.stats["rank_retain"])
+
+
+def test_module_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, safeguard.builtin.retain_projection; "
+            "loaded = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
