@@ -2,7 +2,8 @@
 
 The splits are disjoint, no held-out prompt names its concept or repeats a training caption, the benchmarks
 read the dev split only (checked in their source and by running their prompt collection with the test files
-unreadable), and the demo release policy scores its paraphrase probes on the test split.
+unreadable), and the demo release policy scores its paraphrase probes on the test split. The shipped prompt
+sets for real models are checked at the end.
 """
 import builtins
 import importlib.util
@@ -207,3 +208,17 @@ def test_demo_policy_scores_paraphrases_on_the_test_split():
         shared = {a: heldout[norm(a)] for a in anchors if norm(a) in heldout}
         assert not shared, (spec.name, shared)
 
+
+
+# ---- prompt sets for real models ---------------------------------------------------------------------
+def test_general_prompts_and_companion_objects():
+    from safeguard.prompts import companion_objects, general_prompts
+
+    banned = [n.lower() for c in HELDOUT for n in c.names]
+    for prompts, minimum in ((general_prompts(), 300), (companion_objects(), 40)):
+        assert len(prompts) >= minimum
+        assert len({norm(p) for p in prompts}) == len(prompts), "duplicates"
+        for p in prompts:
+            assert p == p.strip() and p and len(p) <= 200 and "\n" not in p, p
+            assert not [n for n in banned if re.search(rf"\b{re.escape(n)}\b", p.lower())], p
+    assert all(re.match(r"^(a|an) ", o) for o in companion_objects())
