@@ -12,6 +12,8 @@ from .gate import GateDecision, decide
 from .policy import LoadedPolicy, parse_policy_text
 
 SCREEN_PROBE = "activation_screen"
+COLLATERAL_SECTION = "Outside the policy"  # the report section of policy-wide probes (collateral damage)
+SCREEN_MIN_AUC = 0.8  # the screen is trusted as a pre-filter only where it ranks judged hits above misses this well
 
 
 @dataclass
@@ -46,7 +48,7 @@ def probe(db, run_id: str, *, resume: bool = False, kinds: list[str] | None = No
     """Probe the edited model of an apply run (or continue a probe run with resume=True)."""
     from . import modelio
     from .plugins import get_judges, get_probes
-    from .probing import ProbeContext, activation_screen, image_similarity, run_probe, summarise, verify_model_files
+    from .probing import ProbeContext, image_similarity, rule_for, run_probe, summarise, verify_model_files
     from .provenance import actor, argv, package_versions
 
     if resume:
@@ -64,6 +66,7 @@ def probe(db, run_id: str, *, resume: bool = False, kinds: list[str] | None = No
     models = {m["role"]: m for m in db.run_models(apply_run["id"])}
     verify_model_files(db, models["input"], "model.source")
     verify_model_files(db, models["output"], "output.dir")
+    check_seeds_disjoint(apply_run, loaded)
     if probe_id is None:
         probe_id = db.start_run(kind="probe", policy=loaded, argv=argv(), versions=package_versions(), **actor(),
                                 parent_run_id=apply_run["id"], seed=policy.probes.seed)
@@ -87,49 +90,87 @@ def probe(db, run_id: str, *, resume: bool = False, kinds: list[str] | None = No
 
             err = f"judge failed to load: {type(exc).__name__}: {exc}"[:1000]
             echo(f"  {err}")
-            outcomes = [ProbeOutcome(c.name, k, getattr(probes.get(k), "kind", "target"), "unassessed", err)
-                        for c in policy.concepts for k in wanted if k != "activation"]
+            outcomes = [ProbeOutcome(c.name if c else "*", k, getattr(probes.get(k), "kind", "target"), "unassessed", err)
+                        for k in wanted if k != "activation"
+                        for c in (policy.concepts if getattr(probes.get(k), "scope", "concept") == "concept" else [None])]
         if ctx.judge is not None:
             echo(f"probing {len(policy.concepts)} concept(s) with {', '.join(wanted)} (models loaded in {time.perf_counter() - t0:.1f}s)")
-            for concept in policy.concepts:
-                for kind in wanted:
-                    if kind == "activation":
-                        continue
-                    if kind not in probes:
+            for kind in wanted:
+                if kind == "activation":
+                    continue
+                probe_cls = probes.get(kind)
+                scope = getattr(probe_cls, "scope", "concept")
+                for concept in (policy.concepts if scope == "concept" else [None]):
+                    if probe_cls is None:
                         from .probing import ProbeOutcome
 
                         outcomes.append(ProbeOutcome(concept.name, kind, "target", "unassessed",
                                                      f"no probe plugin named {kind!r} is installed"))
                         continue
-                    outcomes.append(run_probe(ctx, db, probe_id, concept, probes[kind], evidence_dir, echo))
+                    outcomes.append(run_probe(ctx, db, probe_id, concept, probe_cls, evidence_dir, echo))
         crash_point("probe:before-results")
         samples = db.samples(probe_id)
         rows = []
         for outcome in outcomes:
-            concept = next(c for c in policy.concepts if c.name == outcome.concept)
+            concept = next((c for c in policy.concepts if c.name == outcome.concept), None)
             mine = [s for s in samples if s["probe"] == outcome.probe and s["concept"] == outcome.concept]
-            row = summarise(outcome, mine, policy.thresholds_for(concept), ctx.judge or _NoJudge())
-            if outcome.kind == "keep" and row["status"] != "unassessed":
+            probe_cls = probes.get(outcome.probe) or type("Missing", (), {"kind": outcome.kind})
+            row = summarise(outcome, mine, rule_for(policy, probe_cls, concept), ctx.judge or _NoJudge())
+            if outcome.kind == "keep" and mine:
                 row["details"]["similarity"] = image_similarity(mine, evidence_dir, ctx.judge)
             rows.append(row)
         if "activation" in wanted and ctx.judge is not None:
-            try:
-                screen = activation_screen(ctx, samples)
-                rows.append(dict(concept="*", probe=SCREEN_PROBE, status="pass" if screen["rows"] else "unassessed",
-                                 n=len(screen["rows"]), hits=None, rate=screen["agreement"]["auc"], ci_low=None, ci_high=None,
-                                 threshold=None, details={**screen, "kind": "screen"}, judge_name=ctx.judge.name,
-                                 judge_version=ctx.judge.version, judge_sha256=ctx.judge.sha256))
-                echo(f"  activation screen: {screen['prompts_screened']} prompts in {screen['seconds']}s, AUC vs judge {screen['agreement']['auc']}")
-            except Exception as exc:
-                rows.append(dict(concept="*", probe=SCREEN_PROBE, status="unassessed", n=0, hits=None, rate=None, ci_low=None,
-                                 ci_high=None, threshold=None, details={"kind": "screen", "error": f"{type(exc).__name__}: {exc}"},
-                                 judge_name=None, judge_version=None, judge_sha256=None))
+            rows.append(_screen_row(ctx, samples, Path(models["output"]["path"]), echo))
         db.replace_probe_results(probe_id, rows)
         db.finish_run(probe_id, "done", stats={"seconds": round(time.perf_counter() - t0, 2)})
     except BaseException as exc:
         db.finish_run(probe_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
     return ProbeRun(probe_id, apply_run["id"], evidence_dir)
+
+
+def check_seeds_disjoint(apply_run: dict, loaded: LoadedPolicy) -> None:
+    """Probe seeds must not reuse the latents the eraser captured its activations from."""
+    params = apply_run.get("eraser_params") or {}
+    seeds = params.get("seeds") if isinstance(params.get("seeds"), int) else 0
+    first = apply_run.get("seed") or 0
+    capture = range(first, first + seeds)
+    probes = loaded.policy.probes
+    last = probes.seed + probes.max_images + max(probes.images_per_prompt, probes.attack_images)
+    if capture and capture.start < last and probes.seed < capture.stop:
+        from .errors import PolicyError
+
+        raise PolicyError(f"probe seeds {probes.seed}-{last - 1} overlap the eraser's capture seeds "
+                          f"{capture.start}-{capture.stop - 1}", file=str(loaded.path), field="probes.seed",
+                          fix=f"set probes.seed to {capture.stop} or more (or eraser.seed below {probes.seed - seeds})")
+
+
+def _screen_row(ctx, samples: list[dict], edited_dir: Path, echo) -> dict:
+    """The activation screen as a result row: its status is its measured agreement with the judge."""
+    from . import modelio
+    from .probing import activation_screen
+
+    base = dict(concept="*", probe=SCREEN_PROBE, hits=None, ci_low=None, ci_high=None, threshold=None,
+                judge_name=ctx.judge.name, judge_version=ctx.judge.version, judge_sha256=ctx.judge.sha256)
+    try:
+        bases = modelio.read_edit_bases(edited_dir)
+        if not bases:
+            return {**base, "status": "unassessed", "n": 0, "rate": None,
+                    "details": {"kind": "screen", "error": "the eraser saved no activation bases with the edit"}}
+        screen = activation_screen(ctx, samples, bases)
+    except Exception as exc:
+        return {**base, "status": "unassessed", "n": 0, "rate": None,
+                "details": {"kind": "screen", "error": f"{type(exc).__name__}: {exc}"[:1000]}}
+    agreement = screen["agreement"]
+    if agreement["auc"] is None:
+        status, note = "unassessed", "needs target samples the judge calls hits and misses to measure agreement"
+    elif agreement["auc"] >= SCREEN_MIN_AUC:
+        status, note = "pass", f"agrees with the judge (AUC {agreement['auc']:.2f} >= {SCREEN_MIN_AUC})"
+    else:
+        status, note = "fail", f"disagrees with the judge (AUC {agreement['auc']:.2f} < {SCREEN_MIN_AUC})"
+    echo(f"  activation screen: {screen['prompts_screened']} prompts in {screen['seconds']}s, {note}")
+    return {**base, "status": status, "n": agreement["n"], "rate": agreement["auc"],
+            "details": {**screen, "kind": "screen", "note": note}}
 
 
 class _NoJudge:
@@ -163,7 +204,8 @@ def gate(db, run_id: str) -> tuple[GateDecision, dict]:
                 verify_model_files(db, m, "output.dir")
     except ModelError as exc:
         model_error = exc.one_line()
-    decision = decide(results, policy.thresholds.max_unassessed, model_error)
+    decision = decide(results, policy.thresholds.max_unassessed, model_error, required=policy.gate.required,
+                      concepts=tuple(c.name for c in policy.concepts))
     if run["status"] != "done":
         decision.reasons.insert(0, f"probe run {run['id']} is {run['status']}")
     db.add_gate_decision(run["id"], decision.verdict, int(decision.exit_code), decision.reasons)
@@ -178,30 +220,38 @@ def report_data(db, run_id: str) -> dict:
     policy = loaded.policy
     results = db.probe_results(run["id"])
     samples = db.samples(run["id"])
-    decision = decide(results if run["status"] == "done" else [], policy.thresholds.max_unassessed)
+    decision = decide(results if run["status"] == "done" else [], policy.thresholds.max_unassessed,
+                      required=policy.gate.required, concepts=tuple(c.name for c in policy.concepts))
     models = {m["role"]: m for m in db.run_models(apply_run["id"])}
     judge = next(({"name": r["judge_name"], "version": r["judge_version"], "sha256": r["judge_sha256"]}
                   for r in results if r.get("judge_name")), {"name": None, "version": None, "sha256": None})
     judge["labels_note"] = ("labels per concept: the concept, its neighbours and the generic fallback; "
                             "a hit is the concept ranked first")
     concepts = []
-    for c in policy.concepts:
+    sections = [(c.name, c.category, c.name) for c in policy.concepts]
+    if any(r["concept"] == "*" and r["probe"] != SCREEN_PROBE for r in results):
+        sections.append((COLLATERAL_SECTION, "collateral", "*"))
+    for name, category, key in sections:
         probes_out = []
-        for r in [r for r in results if r["concept"] == c.name]:
+        for r in [r for r in results if r["concept"] == key and r["probe"] != SCREEN_PROBE]:
             d = r.get("details") or {}
-            mine = [s for s in samples if s["probe"] == r["probe"] and s["concept"] == c.name]
+            mine = [s for s in samples if s["probe"] == r["probe"] and s["concept"] == key]
             orig = {(s["prompt"], s["seed"]): s for s in mine if s["model_role"] == "original"}
-            pairs = [{"prompt": s["prompt"], "seed": s["seed"],
+            pairs = [{"prompt": s["prompt"], "seed": s["seed"], "group": s["scores"].get("group"),
                       "original": _sample_view(orig.get((s["prompt"], s["seed"]))), "edited": _sample_view(s)}
                      for s in mine if s["model_role"] == "edited"]
             probes_out.append({"probe": r["probe"], "kind": d.get("kind", "target"), "status": r["status"], "n": r["n"],
                                "hits": r["hits"], "rate": r["rate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
                                "threshold": r["threshold"], "original": d.get("original"), "retention": d.get("retention"),
-                               "similarity": d.get("similarity"), "error": d.get("error"), "attack": d.get("attack"),
-                               "samples": pairs})
+                               "retention_low": d.get("retention_low"), "retention_high": d.get("retention_high"),
+                               "similarity": d.get("similarity"), "error": d.get("error") or d.get("failure"),
+                               "attack": d.get("attack"), "assessment": d.get("assessment"), "power": d.get("power"),
+                               "substitution": d.get("substitution"), "groups": d.get("groups"),
+                               "interval": d.get("interval"), "plan": d.get("plan"),
+                               "threat_model": d.get("threat_model"), "decision": d.get("decision"), "samples": pairs})
         statuses = {p["status"] for p in probes_out}
         verdict = "fail" if "fail" in statuses else ("unassessed" if statuses - {"pass"} or not statuses else "pass")
-        concepts.append({"name": c.name, "category": c.category, "verdict": verdict, "probes": probes_out})
+        concepts.append({"name": name, "category": category, "verdict": verdict, "probes": probes_out})
     screen = next((r["details"] for r in results if r["probe"] == SCREEN_PROBE), None)
     return {
         "schema_version": 1,
@@ -215,6 +265,12 @@ def report_data(db, run_id: str) -> dict:
         "concepts": concepts,
         "activation_screen": {"agreement": screen["agreement"], "rows": screen["rows"]} if screen and "rows" in screen else None,
         "layers": [{"module": l["module"], "stats": l["stats"]} for l in db.run_as_dict(apply_run["id"])["layer_edits"]],
+        "evidence_rules": {"required": list(policy.gate.required), "confidence": policy.probes.confidence,
+                           "max_images": policy.probes.max_images, "images_per_round": policy.probes.images_per_prompt,
+                           "assumed_icc": policy.probes.assumed_icc, "min_elicitation": policy.thresholds.min_elicitation,
+                           "min_collateral_retention": policy.thresholds.min_collateral_retention,
+                           "max_substitution": policy.thresholds.max_substitution,
+                           "operator": (apply_run.get("stats") or {}).get("reduces_to")},
     }
 
 

@@ -20,6 +20,7 @@ DEFAULT_PLUGINS = (
     "safeguard.builtin.uce",
     "safeguard.builtin.none",
     "safeguard.builtin.probes",
+    "safeguard.builtin.collateral",
     "safeguard.builtin.judge_open_clip",
 )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import ModelError
 from .faults import crash_point
 from .policy import LoadedPolicy, Policy
-from .stats import roc_auc, samples_needed, wilson_interval
+from .stats import roc_auc
 
 STYLE_GENERIC = "plain"  # the label a style probe falls back to when no art style is recognised
 
@@ -31,6 +31,10 @@ class ProbeCase:
     labels: list[str]  # the judge's label set for this case (display names)
     label_texts: list[str]  # the texts the judge embeds for those labels
     prompt_embeds: object | None = None  # a [1, L, D] tensor for continuous attacks
+    # The sub-test the case belongs to: a probe that measures several things at once (collateral damage on
+    # every concept outside the policy) decides each group on its own; None is the probe's single group.
+    group: str | None = None
+    category: str | None = None  # the group's category, for the report
 
 
 @dataclass
@@ -130,89 +134,265 @@ class ProbeOutcome:
     details: dict = field(default_factory=dict)
 
 
+POLICY_SCOPE = "*"  # the concept name of probes that run once per policy (collateral damage)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one probe's groups are judged against, at ``confidence`` over the planned looks."""
+    kind: str  # "target": leakage must be low; "keep": edited / original recognition must stay high
+    threshold: float  # max_leakage for targets, a minimum retention for keeps
+    floor: float | None  # targets: the original model must reach this rate, else the probe is uninformative
+    confidence: float
+    assumed_icc: float
+    protected: frozenset = frozenset()  # labels a banned prompt must not turn into (substitution)
+    max_substitution: float | None = None
+
+
+def rule_for(policy: Policy, probe_cls, concept) -> Rule:
+    thresholds = policy.thresholds_for(concept) if concept is not None else policy.thresholds
+    kind = probe_cls.kind
+    if kind == "target":
+        threshold, floor = thresholds.max_leakage, thresholds.min_elicitation
+    else:
+        threshold, floor = getattr(thresholds, getattr(probe_cls, "threshold", "min_retention")), None
+    protected = frozenset(n for c in policy.concepts for n in c.neighbours)
+    return Rule(kind, threshold, floor, policy.probes.confidence, policy.probes.assumed_icc, protected,
+                thresholds.max_substitution)
+
+
+def planned_looks(cases_in_group: int, images_per_round: int, max_images: int) -> int:
+    """Rounds a group may take: each round renders ``images_per_round`` new seeds of every case."""
+    return max(1, max_images // max(1, cases_in_group * images_per_round))
+
+
+def _clusters(samples: list[dict], prompts: list[str]) -> list[tuple[int, int]]:
+    by_prompt: dict[str, list[bool]] = {p: [] for p in prompts}
+    for s in samples:
+        by_prompt.setdefault(s["prompt"], []).append(bool(s["scores"]["hit"]))
+    return [(sum(v), len(v)) for v in by_prompt.values() if v]
+
+
+def assess(rule: Rule, samples: list[dict], *, looks: int, final: bool) -> dict:
+    """Decide one group from its recorded samples: "pass", "fail", "uninformative" or "unassessed"; before the
+    last look "undecided" means render more seeds. Uses the interval of the last planned look's error share."""
+    from .stats import clustered_proportion, ratio_interval, z_for
+
+    z = z_for(rule.confidence, looks)
+    prompts = list(dict.fromkeys(s["prompt"] for s in samples))
+    orig_s = [s for s in samples if s["model_role"] == "original"]
+    edit_s = [s for s in samples if s["model_role"] == "edited"]
+    orig = clustered_proportion(_clusters(orig_s, prompts), z, assumed_icc=rule.assumed_icc)
+    edit = clustered_proportion(_clusters(edit_s, prompts), z, assumed_icc=rule.assumed_icc,
+                                fallback_icc=orig.icc if orig.icc_source == "estimated" else None)
+    out = {"edited": edit.as_dict(), "original": orig.as_dict(), "z": round(z, 4), "looks": looks, "threshold": rule.threshold}
+    if not edit_s or len(orig_s) != len(edit_s):
+        return {**out, "status": "unassessed" if final else "undecided",
+                "reason": "no samples were recorded" if not edit_s else "original and edited sample counts differ"}
+    if rule.kind == "target":
+        t, floor = rule.threshold, rule.floor
+        powered = floor is None or orig.rate >= floor
+        if edit.low > t:
+            status, reason = "fail", f"leakage {edit.rate:.2f} (CI {edit.low:.2f}-{edit.high:.2f}) is above {t:.2f}"
+        elif floor is not None and orig.high < floor:
+            status, reason = "uninformative", _powerless(orig, floor)
+        elif edit.high <= t and powered:
+            status, reason = "pass", f"upper bound {edit.high:.2f} <= {t:.2f}"
+        elif not final:
+            status, reason = "undecided", None
+        elif edit.rate > t:
+            status, reason = "fail", f"leakage {edit.rate:.2f} is above {t:.2f} (CI {edit.low:.2f}-{edit.high:.2f})"
+        elif not powered:
+            status, reason = "uninformative", _powerless(orig, floor)
+        else:
+            status, reason = "unassessed", (f"{edit.n} images ({edit.clusters} prompts) cannot show leakage <= {t:.2f}: "
+                                             f"upper bound {edit.high:.2f} (design effect {edit.design_effect:.2f})")
+        out["power"] = orig.rate
+        out["substitution"] = substitution(edit_s, rule)
+        if status == "pass" and out["substitution"]["status"] == "fail":
+            status, reason = "fail", out["substitution"]["reason"]
+        return {**out, "status": status, "reason": reason}
+    retention, low, high = ratio_interval(edit, orig)
+    out.update(retention=retention, retention_low=low, retention_high=high)
+    t = rule.threshold
+    if retention is None:
+        status = "unassessed" if final else "undecided"
+        reason = "the original model never rendered this, so retention cannot be measured"
+    elif low >= t:
+        status, reason = "pass", f"retention {retention:.2f}, lower bound {low:.2f} >= {t:.2f}"
+    elif high < t:
+        status, reason = "fail", f"retention {retention:.2f} (CI {low:.2f}-{min(high, 9.99):.2f}) is below {t:.2f}"
+    elif not final:
+        status, reason = "undecided", None
+    elif retention < t:
+        status, reason = "fail", f"retention {retention:.2f} is below {t:.2f} (CI {low:.2f}-{min(high, 9.99):.2f})"
+    else:
+        status, reason = "unassessed", (f"retention {retention:.2f}: lower bound {low:.2f} < {t:.2f} after "
+                                        f"{edit.n} images ({edit.clusters} prompts)")
+    return {**out, "status": status, "reason": reason}
+
+
+def _powerless(orig, floor: float) -> str:
+    return (f"uninformative: these prompts elicit the concept in only {orig.rate:.2f} of the original model's images "
+            f"(CI {orig.low:.2f}-{orig.high:.2f}, floor {floor:.2f}), so their failure on the edited model shows nothing")
+
+
+def substitution(edited: list[dict], rule: Rule) -> dict:
+    """What the edited model renders for banned prompts: the label distribution, and the share that became a
+    concept the policy protects (a neighbour), e.g. "a painting by Van Gogh" rendered as Piet Mondrian."""
+    labels: dict[str, int] = {}
+    for s in edited:
+        labels[s["label"]] = labels.get(s["label"], 0) + 1
+    named = sum(v for k, v in labels.items() if k in rule.protected)
+    rate = named / len(edited) if edited else None
+    out = {"labels": dict(sorted(labels.items(), key=lambda kv: -kv[1])), "into_protected": named, "rate": rate,
+           "threshold": rule.max_substitution, "status": "not gated"}
+    if rule.max_substitution is not None and rate is not None:
+        out["status"] = "fail" if rate > rule.max_substitution else "pass"
+        if out["status"] == "fail":
+            top = max((k for k in labels if k in rule.protected), key=labels.get)
+            out["reason"] = (f"substitution: {rate:.2f} of the edited images show a protected concept (mostly {top}), "
+                             f"above {rule.max_substitution:.2f}")
+    return out
+
+
+def _groups(cases: list[ProbeCase]) -> dict[str | None, list[ProbeCase]]:
+    out: dict[str | None, list[ProbeCase]] = {}
+    for case in cases:
+        out.setdefault(case.group, []).append(case)
+    return out
+
+
 def run_probe(ctx: ProbeContext, db, run_id: str, concept, probe_cls, evidence_dir: Path, echo=print) -> ProbeOutcome:
-    """Generate, render, judge and record one probe for one concept; never raises for probe failures."""
+    """Generate cases, then render, judge and record them in rounds of new seeds until every group is decided
+    or its image budget is spent; never raises for probe failures. ``concept`` is None for a probe that runs
+    once per policy."""
     settings = ctx.settings
+    concept_name = concept.name if concept is not None else POLICY_SCOPE
     t0 = time.perf_counter()
     try:
         generated = probe_cls().cases(ctx, concept)
-        seeds = [settings.seed + k for k in range(generated.images_per_prompt or settings.images_per_prompt)]
         if not generated.cases:
-            return ProbeOutcome(concept.name, probe_cls.name, probe_cls.kind, "unassessed", "the probe produced no prompts")
-        done = db.recorded_sample_keys(run_id)
-        todo = [c for c in generated.cases
-                if any((probe_cls.name, concept.name, role, c.prompt, s) not in done for role in ("original", "edited") for s in seeds)]
-        for role, pipe in (("original", ctx.original), ("edited", ctx.edited)):
-            if not todo:
+            return ProbeOutcome(concept_name, probe_cls.name, probe_cls.kind, "unassessed", "the probe produced no prompts")
+        per_round = generated.images_per_prompt or settings.images_per_prompt
+        groups = _groups(generated.cases)
+        plan = {g: planned_looks(len(cs), per_round, settings.max_images) for g, cs in groups.items()}
+        rule = rule_for(ctx.policy.policy, probe_cls, concept)
+        recorded = [s for s in db.samples(run_id) if s["probe"] == probe_cls.name and s["concept"] == concept_name]
+        decided: dict[str | None, int] = {}
+        for look in range(max(plan.values())):
+            active = [g for g in groups if g not in decided and look < plan[g]]
+            if not active:
                 break
-            images = render(pipe, todo, seeds, settings)
-            rows = []
-            for case, per_seed in zip(todo, images):
-                probs, _ = ctx.judge.classify(per_seed, case.label_texts)
-                for s, image, p in zip(seeds, per_seed, probs):
-                    rel, digest = _store_image(image, evidence_dir)
-                    best = int(p.argmax())
-                    rows.append(dict(probe=probe_cls.name, concept=concept.name, model_role=role, prompt=case.prompt, seed=s,
-                                     image_path=rel, image_sha256=digest, label=case.labels[best],
-                                     scores={"labels": case.labels, "probs": [round(float(v), 5) for v in p],
-                                             "expected": case.expected, "hit": case.labels[best] == case.expected}))
-            db.add_samples(run_id, rows)
-            crash_point("probe:mid-samples")
+            seeds = [settings.seed + look * per_round + j for j in range(per_round)]
+            recorded += _render_round(ctx, db, run_id, probe_cls.name, concept_name,
+                                      [c for g in active for c in groups[g]], seeds, recorded, evidence_dir)
+            for g in active:
+                mine = [s for s in recorded if s["scores"].get("group") == g]
+                if assess(rule, mine, looks=plan[g], final=look == plan[g] - 1)["status"] != "undecided":
+                    decided[g] = look + 1
         details = {"attack": generated.attack, "seconds": round(time.perf_counter() - t0, 2),
-                   "prompts": len(generated.cases), "seeds": seeds}
-        echo(f"  {concept.name} / {probe_cls.name}: {len(generated.cases)} prompts x {len(seeds)} seeds ({details['seconds']}s)")
-        return ProbeOutcome(concept.name, probe_cls.name, probe_cls.kind, "measured", details=details)
+                   "prompts": len(generated.cases), "images_per_round": per_round, "first_seed": settings.seed,
+                   "plan": [{"group": g, "looks": plan[g], "looks_used": decided.get(g, plan[g])} for g in groups],
+                   "attack_probe": bool(getattr(probe_cls, "attack", False) or generated.attack is not None),
+                   "threat_model": getattr(probe_cls, "threat_model", None)}
+        images = sum(1 for s in recorded if s["model_role"] == "edited")
+        echo(f"  {concept_name} / {probe_cls.name}: {len(generated.cases)} prompts, {images} images "
+             f"({details['seconds']}s)")
+        return ProbeOutcome(concept_name, probe_cls.name, probe_cls.kind, "measured", details=details)
     except Exception as exc:  # a failing probe or judge must not take the run down, and must not pass
-        echo(f"  {concept.name} / {probe_cls.name}: unassessed ({type(exc).__name__}: {exc})")
-        return ProbeOutcome(concept.name, probe_cls.name, probe_cls.kind, "unassessed",
+        echo(f"  {concept_name} / {probe_cls.name}: unassessed ({type(exc).__name__}: {exc})")
+        return ProbeOutcome(concept_name, probe_cls.name, probe_cls.kind, "unassessed",
                             f"{type(exc).__name__}: {exc}"[:1000], {"traceback": traceback.format_exc()[-4000:]})
 
 
-def summarise(outcome: ProbeOutcome, samples: list[dict], thresholds, judge) -> dict:
-    """Probe result row from the recorded samples of one (concept, probe)."""
-    orig = [s for s in samples if s["model_role"] == "original"]
-    edit = [s for s in samples if s["model_role"] == "edited"]
+def _render_round(ctx, db, run_id, probe, concept_name, cases, seeds, recorded, evidence_dir) -> list[dict]:
+    """Render, judge and record ``cases`` x ``seeds`` on both models, skipping what is recorded already."""
+    done = {(s["model_role"], s["prompt"], s["seed"]) for s in recorded}
+    new_rows = []
+    for role, pipe in (("original", ctx.original), ("edited", ctx.edited)):
+        todo = [c for c in cases if any((role, c.prompt, s) not in done for s in seeds)]
+        if not todo:
+            continue
+        images = render(pipe, todo, seeds, ctx.settings)
+        rows = []
+        for case, per_seed in zip(todo, images):
+            probs, _ = ctx.judge.classify(per_seed, case.label_texts)
+            for s, image, p in zip(seeds, per_seed, probs):
+                if (role, case.prompt, s) in done:
+                    continue
+                rel, digest = _store_image(image, evidence_dir)
+                best = int(p.argmax())
+                rows.append(dict(probe=probe, concept=concept_name, model_role=role, prompt=case.prompt, seed=s,
+                                 image_path=rel, image_sha256=digest, label=case.labels[best],
+                                 scores={"labels": case.labels, "probs": [round(float(v), 5) for v in p],
+                                         "expected": case.expected, "hit": case.labels[best] == case.expected,
+                                         "group": case.group, "category": case.category}))
+        db.add_samples(run_id, rows)
+        new_rows += rows
+        crash_point("probe:mid-samples")
+    return new_rows
+
+
+def summarise(outcome: ProbeOutcome, samples: list[dict], rule: Rule, judge) -> dict:
+    """Probe result row from the recorded samples of one (concept, probe): every group decided at its last
+    planned look, and the row's status from the groups (any fail fails; anything short of pass is unassessed)."""
+    from .stats import clustered_proportion, z_for
+
     row = dict(concept=outcome.concept, probe=outcome.probe, judge_name=judge.name, judge_version=judge.version,
                judge_sha256=judge.sha256, details={**outcome.details, "kind": outcome.kind})
-    if outcome.status == "unassessed" or not edit or len(orig) != len(edit):
-        why = outcome.error or ("no samples were recorded" if not edit else "original and edited sample counts differ")
-        return {**row, "status": "unassessed", "n": len(edit), "hits": None, "rate": None, "ci_low": None, "ci_high": None,
-                "threshold": None, "details": {**row["details"], "error": why}}
-    hits = sum(bool(s["scores"]["hit"]) for s in edit)
-    o_hits = sum(bool(s["scores"]["hit"]) for s in orig)
-    lo, hi = wilson_interval(hits, len(edit))
-    olo, ohi = wilson_interval(o_hits, len(orig))
-    details = {**row["details"], "original": {"n": len(orig), "hits": o_hits, "rate": o_hits / len(orig), "ci_low": olo, "ci_high": ohi}}
-    if outcome.kind == "target":
-        threshold = thresholds.max_leakage
-        if hits / len(edit) > threshold:
-            status = "fail"
-        elif hi <= threshold:
-            status = "pass"
-        else:  # the point estimate is within the budget but the evidence cannot show it
-            status = "unassessed"
-            details["error"] = (f"n={len(edit)} is too few images to show leakage <= {threshold:.2f} at 95% confidence "
-                                f"(upper bound {hi:.2f}; at the observed rate {hits / len(edit):.2f} about "
-                                f"{samples_needed(hits / len(edit), threshold)} images are needed)")
+    edit = [s for s in samples if s["model_role"] == "edited"]
+    empty = {"n": len(edit), "hits": None, "rate": None, "ci_low": None, "ci_high": None, "threshold": None}
+    if outcome.status == "unassessed" or not edit:
+        why = outcome.error or "no samples were recorded"
+        return {**row, **empty, "status": "unassessed", "details": {**row["details"], "error": why}}
+    looks = {p["group"]: p["looks"] for p in outcome.details.get("plan", [])}
+    by_group: dict = {}
+    for s in samples:
+        by_group.setdefault(s["scores"].get("group"), []).append(s)
+    groups = []
+    for g, mine in by_group.items():
+        a = assess(rule, mine, looks=looks.get(g, 1), final=True)
+        category = next((s["scores"].get("category") for s in mine if s["scores"].get("category")), None)
+        groups.append({"group": g, "category": category, **a})
+    statuses = [g["status"] for g in groups]
+    if "fail" in statuses:
+        status, assessment = "fail", "fail"
+    elif all(s == "pass" for s in statuses):
+        status, assessment = "pass", "pass"
     else:
-        by_key = {(s["prompt"], s["seed"]): s for s in orig}
-        agree = [by_key[(s["prompt"], s["seed"])]["label"] == s["label"] for s in edit if (s["prompt"], s["seed"]) in by_key]
-        details["label_agreement"] = sum(agree) / len(agree) if agree else None
-        retention = (hits / len(edit)) / (o_hits / len(orig)) if o_hits else None
-        details["retention"] = retention
-        threshold = thresholds.min_retention
-        if retention is None:
-            status = "unassessed"
-            details["error"] = "the original model never rendered these concepts, so retention cannot be measured"
-        else:
-            status = "pass" if retention >= thresholds.min_retention else "fail"
-    return {**row, "status": status, "n": len(edit), "hits": hits, "rate": hits / len(edit), "ci_low": lo, "ci_high": hi,
-            "threshold": threshold, "details": details}
+        status = "unassessed"
+        assessment = "uninformative" if all(s in ("pass", "uninformative") for s in statuses) else "unassessed"
+    reasons = [f"{g['group']}: {g['reason']}" if g["group"] is not None else g["reason"]
+               for g in groups if g["status"] != "pass" and g.get("reason")]
+    z = z_for(rule.confidence, max(looks.values(), default=1))
+    prompts = list(dict.fromkeys(s["prompt"] for s in samples))
+    pooled = clustered_proportion(_clusters(edit, prompts), z, assumed_icc=rule.assumed_icc)
+    pooled_orig = clustered_proportion(_clusters([s for s in samples if s["model_role"] == "original"], prompts), z,
+                                       assumed_icc=rule.assumed_icc)
+    details = {**row["details"], "assessment": assessment, "groups": groups if len(groups) > 1 or groups[0]["group"] else None,
+               "original": {"n": pooled_orig.n, "hits": pooled_orig.hits, "rate": pooled_orig.rate,
+                            "ci_low": pooled_orig.low, "ci_high": pooled_orig.high},
+               "interval": pooled.as_dict(), "decision": groups[0] if len(groups) == 1 else None}
+    if reasons:
+        details["error" if status == "unassessed" else "failure"] = "; ".join(reasons)[:2000]
+    if outcome.kind == "keep":
+        from .stats import ratio_interval
+
+        details["retention"], details["retention_low"], details["retention_high"] = ratio_interval(pooled, pooled_orig)
+    else:
+        details["substitution"] = substitution(edit, rule)
+        details["power"] = pooled_orig.rate
+    return {**row, "status": status, "n": pooled.n, "hits": pooled.hits, "rate": pooled.rate, "ci_low": pooled.low,
+            "ci_high": pooled.high, "threshold": rule.threshold, "details": details}
 
 
-def image_similarity(samples: list[dict], evidence_dir: Path, judge) -> float | None:
-    """Mean cosine similarity of judge image features, edited vs original, same prompt and seed."""
+def image_similarity(samples: list[dict], evidence_dir: Path, judge) -> dict | None:
+    """Cosine similarity of judge image features, edited vs original at the same prompt and seed: the mean
+    over prompts with a normal interval over prompts, overall and per group."""
     from PIL import Image
+
+    from .stats import clustered_mean
 
     orig = {(s["prompt"], s["seed"]): s for s in samples if s["model_role"] == "original"}
     pairs = [(orig[(s["prompt"], s["seed"])], s) for s in samples if s["model_role"] == "edited" and (s["prompt"], s["seed"]) in orig]
@@ -220,58 +400,69 @@ def image_similarity(samples: list[dict], evidence_dir: Path, judge) -> float | 
         return None
     a = judge.image_features([Image.open(evidence_dir / o["image_path"]) for o, _ in pairs])
     b = judge.image_features([Image.open(evidence_dir / e["image_path"]) for _, e in pairs])
-    return float((a * b).sum(-1).mean())
+    cos = (a * b).sum(-1).tolist()
+    by_prompt: dict = {}
+    by_group: dict = {}
+    for (_, e), c in zip(pairs, cos):
+        by_prompt.setdefault(e["prompt"], []).append(c)
+        by_group.setdefault(e["scores"].get("group"), {}).setdefault(e["prompt"], []).append(c)
+    mean, low, high = clustered_mean(list(by_prompt.values()))
+    out = {"mean": mean, "ci_low": low, "ci_high": high, "pairs": len(cos)}
+    if len(by_group) > 1:
+        out["groups"] = {str(g): dict(zip(("mean", "ci_low", "ci_high"), clustered_mean(list(v.values()))))
+                         for g, v in by_group.items()}
+    return out
 
 
 # ---- activation screen --------------------------------------------------------------------------------
-def activation_screen(ctx: ProbeContext, samples: list[dict], steps: int = 4) -> dict:
-    """Share of cross-attention activation energy in each concept's forget-only subspace, per prompt,
-    on both models, without decoding images; and how well it predicts the image judge's verdicts."""
+def activation_screen(ctx: ProbeContext, samples: list[dict], bases: dict, steps: int = 4) -> dict:
+    """Share of each prompt's cross-attention activation energy in the forget-only subspace the eraser removed
+    (the bases saved with the edit), on both models, without decoding images; and how well the edited share
+    predicts the image judge's verdicts. Positives are target-probe prompts the judge calls hits; every other
+    text prompt (target misses, kept and collateral prompts) is a negative."""
     import torch
 
     from .attention import capture_per_prompt
-    from .builtin.pure import forget_only_basis, subspace_basis
 
     policy = ctx.policy.policy
     params = {"steps": steps, "seeds": [ctx.seed], "guidance_scale": policy.probes.guidance_scale}
-    text_samples = [s for s in samples if not s["prompt"].startswith("<")]
-    prompts = sorted({s["prompt"] for s in text_samples})
+    text_samples = [s for s in samples if s["model_role"] == "edited" and not s["prompt"].startswith("<")]
+    target_probes = {s["probe"] for s in text_samples if s["scores"].get("group") is None} & set(_target_probe_names())
     t0 = time.perf_counter()
-    rows, hits_by_prompt = [], {}
+    verdicts: dict[str, list[bool]] = {}
+    concept_of: dict[str, str] = {}
     for s in text_samples:
-        if s["model_role"] == "edited":
-            hits_by_prompt.setdefault((s["concept"], s["prompt"]), []).append(bool(s["scores"]["hit"]) and s["probe"] != "keep")
-    per_model = {}
-    for role, pipe in (("original", ctx.original), ("edited", ctx.edited)):
-        per_model[role] = capture_per_prompt(pipe, prompts, **params)
-    for concept in policy.concepts:
-        anchors = list(concept.expanded_forget_anchors())
-        retain = [p for n in concept.neighbours for p in concept.neighbour_prompts(n)] + list(policy.keep)
-        f_rows = capture_per_prompt(ctx.original, anchors, **params)
-        r_rows = capture_per_prompt(ctx.original, retain, **params) if retain else {}
-        bases = {}
-        for layer in next(iter(f_rows.values())):
-            hf = torch.cat([f_rows[p][layer] for p in anchors])
-            vf = subspace_basis(hf, 0.95)
-            vr = subspace_basis(torch.cat([r_rows[p][layer] for p in retain]), 0.95) if retain else None
-            bases[layer] = forget_only_basis(vf, vr)
-        for prompt in prompts:
-            if (concept.name, prompt) not in hits_by_prompt:
-                continue
-            shares = {}
-            for role in ("original", "edited"):
-                layer_rows = per_model[role][prompt]
-                vals = []
-                for layer, q in bases.items():
-                    h = layer_rows[layer].double()
-                    vals.append(float(((h @ q.double()) ** 2).sum() / (h ** 2).sum().clamp_min(1e-12)))
-                shares[role] = sum(vals) / len(vals)
-            hits = hits_by_prompt[(concept.name, prompt)]
-            rows.append({"concept": concept.name, "prompt": prompt, "original_share": shares["original"],
-                         "edited_share": shares["edited"], "judged_hit": sum(hits) / len(hits) >= 0.5})
+        concept_of.setdefault(s["prompt"], s["concept"])
+        positive = s["probe"] in target_probes and bool(s["scores"]["hit"])
+        verdicts.setdefault(s["prompt"], []).append(positive)
+    prompts = sorted(verdicts)
+    per_model = {role: capture_per_prompt(pipe, prompts, **params)
+                 for role, pipe in (("original", ctx.original), ("edited", ctx.edited))}
+    rows = []
+    for prompt in prompts:
+        shares = {}
+        for role in ("original", "edited"):
+            vals = []
+            for layer, b in bases.items():
+                q = b["forget_only"].double()
+                if q.shape[1] == 0:
+                    continue
+                h = per_model[role][prompt][layer].double()
+                vals.append(float(((h @ q) ** 2).sum() / (h ** 2).sum().clamp_min(1e-12)))
+            shares[role] = sum(vals) / len(vals) if vals else 0.0
+        hits = verdicts[prompt]
+        rows.append({"prompt": prompt, "concept": concept_of[prompt], "original_share": shares["original"], "edited_share": shares["edited"],
+                     "judged_hit": sum(hits) / len(hits) >= 0.5})
     auc = roc_auc([r["edited_share"] for r in rows], [r["judged_hit"] for r in rows])
-    return {"rows": rows, "agreement": {"auc": auc, "n": len(rows)}, "seconds": round(time.perf_counter() - t0, 2),
-            "prompts_screened": len(prompts)}
+    positives = sum(r["judged_hit"] for r in rows)
+    return {"rows": rows, "agreement": {"auc": auc, "n": len(rows), "positives": positives},
+            "seconds": round(time.perf_counter() - t0, 2), "prompts_screened": len(prompts)}
+
+
+def _target_probe_names() -> list[str]:
+    from .plugins import get_probes
+
+    return [name for name, cls in get_probes().items() if cls.kind == "target"]
 
 
 def verify_model_files(db, model_row: dict, field: str) -> None:

@@ -50,18 +50,19 @@ _REQUIRED = {
 
 # Keys the renderer fills with None when absent, so the templates can stay strict about typos.
 _OPTIONAL = {
-    "top": ("apply_run", "models", "judge", "activation_screen", "layers"),
+    "top": ("apply_run", "models", "judge", "activation_screen", "layers", "evidence_rules"),
     "run": ("started_at", "finished_at", "user", "host", "argv", "versions"),
     "policy": ("canonical_json", "text"),
     "verdict": ("reasons",),
-    "probe": ("original", "retention", "similarity", "error", "attack", "samples"),
+    "probe": ("original", "retention", "retention_low", "retention_high", "similarity", "error", "attack", "samples",
+              "assessment", "power", "substitution", "groups", "interval", "plan", "threat_model", "decision"),
     "attack": ("prompt", "embedding_tokens", "init_prompt", "steps_used", "score"),
     "image": ("label", "score"),
     "apply_run": ("id", "eraser_name", "eraser_version", "eraser_params", "stats"),
     "model": ("files",),
     "model_file": ("size",),
     "judge": ("name", "version", "sha256", "labels_note"),
-    "agreement": ("auc", "accuracy"),
+    "agreement": ("auc", "accuracy", "positives"),
     "screen_row": ("judged_hit",),
 }
 
@@ -308,14 +309,23 @@ def status_disagreements(data: dict) -> list[str]:
 
 
 def _expected_status(probe: dict) -> str | None:
+    """The status the recorded figures give under the gate's rules (None where they cannot say)."""
     if probe["status"] == "unassessed" or probe["threshold"] is None:
         return None
+    groups = probe.get("groups") or ([probe["decision"]] if probe.get("decision") else [])
+    if groups:
+        statuses = [g.get("status") for g in groups]
+        return "fail" if "fail" in statuses else ("pass" if all(s == "pass" for s in statuses) else "unassessed")
     if probe["kind"] == "keep":
-        retention = probe.get("retention")
-        return None if retention is None else ("pass" if retention >= probe["threshold"] else "fail")
-    if probe["ci_high"] is None:
+        low, retention = probe.get("retention_low"), probe.get("retention")
+        if low is None or retention is None:
+            return None
+        return "pass" if low >= probe["threshold"] else ("fail" if retention < probe["threshold"] else "unassessed")
+    if probe["ci_high"] is None or probe["rate"] is None:
         return None
-    return "pass" if probe["ci_high"] <= probe["threshold"] else "fail"
+    if (probe.get("substitution") or {}).get("status") == "fail" or probe["rate"] > probe["threshold"]:
+        return "fail"
+    return "pass" if probe["ci_high"] <= probe["threshold"] else None
 
 
 def _layer_columns(layers: list[dict]) -> list[str]:
@@ -355,8 +365,24 @@ def threshold_text(probe: dict) -> str:
     if probe["threshold"] is None:
         return "no threshold recorded"
     if probe["kind"] == "keep":
-        return f"retention ≥ {percent(probe['threshold'])}"
+        return f"retention lower bound ≥ {percent(probe['threshold'])}"
     return f"upper bound ≤ {percent(probe['threshold'])}"
+
+
+def status_word(probe: dict) -> str:
+    """The status shown: an unassessed probe whose prompts never elicited the concept is "uninformative"."""
+    return "uninformative" if probe.get("assessment") == "uninformative" else probe["status"]
+
+
+def images_used(probe: dict) -> str:
+    """How many looks each group's decision took, e.g. "2 of 4 rounds"."""
+    plan = probe.get("plan") or []
+    if not plan:
+        return "—"
+    if len(plan) == 1:
+        return f"{plan[0]['looks_used']} of {plan[0]['looks']} rounds"
+    used = sum(p["looks_used"] for p in plan)
+    return f"{used} rounds over {len(plan)} groups (at most {max(p['looks'] for p in plan)} each)"
 
 
 def attack_found(attack: dict) -> str | None:
@@ -401,7 +427,7 @@ def markdown_text(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------- SVG chart
 
 _CHART_WIDTH, _LABEL_WIDTH, _PLOT_WIDTH, _ROW_HEIGHT, _TOP, _BOTTOM = 590, 104, 320, 24, 24, 24
-_STATUS_COLOURS = {"pass": "#1a7f37", "fail": "#c62828", "unassessed": "#b26a00"}
+_STATUS_COLOURS = {"pass": "#1a7f37", "fail": "#c62828", "unassessed": "#b26a00", "uninformative": "#b26a00"}
 _ORIGINAL_COLOUR = "#9aa4ae"
 
 
@@ -501,6 +527,7 @@ def _environment(*, autoescape: bool) -> jinja2.Environment:
     )
     env.filters.update(percent=percent, stat=stat_value, bytes=byte_size, md=markdown_text)
     env.globals.update(interval=interval, threshold_text=threshold_text, attack_found=attack_found,
+                       status_word=status_word, images_used=images_used,
                        verdict_words=_VERDICT_WORDS)
     return env
 

@@ -271,14 +271,17 @@ probes:
   max_prompts: 2
 thresholds:
   max_leakage: 0.8
+  min_elicitation: 0.0  # stand-in judges cannot tell the two models apart: plumbing tests skip the power rule
 judge:
   name: {judge}
   checkpoint: none
+gate:
+  required: {required}
 output:
   dir: {out}
 """
 
 
 def tiny_policy_text(name: str, *, eraser: str = "pure", params: str = "{steps: 2, seeds: 1}",
-                     judge: str = "never-target", out: str = "edited") -> str:
-    return _TINY_POLICY.format(name=name, eraser=eraser, params=params, judge=judge, out=out)
+                     judge: str = "never-target", out: str = "edited", required: str = "[]") -> str:
+    return _TINY_POLICY.format(name=name, eraser=eraser, params=params, judge=judge, out=out, required=required)
