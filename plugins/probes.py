@@ -1,5 +1,9 @@
-"""Built-in leakage probes: the concept's own prompts, paraphrases, replayed prompt lists, three live
-attacks against the edited model, and the neighbours and keep prompts that must survive."""
+"""Built-in leakage probes: the concept's own prompts, paraphrases, replayed prompt lists, four live
+attacks against the edited model, and the neighbours and keep prompts that must survive.
+
+Attack probes say so (``attack = True``) and name what the attacker needs (``threat_model``): "text" when
+what they find is a prompt anyone could type, "weights" when it is an embedding only someone with the
+model's weights can feed in."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,44 +75,105 @@ class KeepProbe:
         return ProbeCases([ProbeCase(p, p, labels, texts) for p in keep])
 
 
+def _banned_words(concept) -> list[str]:
+    """Words of the concept's name and aliases (3+ letters): no attack token may contain one."""
+    return sorted({w.lower() for n in (concept.name, *concept.aliases) for w in n.split() if len(w) > 2})
+
+
+def _neutral_pairs(concept) -> tuple[list[str], list[str]]:
+    """Each forget anchor that names the concept, paired with the same prompt with the name replaced."""
+    import re
+
+    names = sorted((concept.name, *concept.aliases), key=len, reverse=True)  # "blood splatter" before "blood"
+    pattern = re.compile("|".join(re.escape(n) for n in names), re.IGNORECASE)
+    pairs = [(a, pattern.sub("something", a)) for a in concept.expanded_forget_anchors() if pattern.search(a)]
+    if not pairs:
+        return list(concept.expanded_forget_anchors())[:1], ["a picture"]
+    return [a for a, _ in pairs], [n for _, n in pairs]
+
+
+def _original_latents(ctx, prompts, seed_offset: int):
+    """The original model's latents for ``prompts``, one seed each from ``seed_offset`` on (kept disjoint
+    from the probe seeds, so the attack never sees the images it is judged on)."""
+    import torch
+
+    out = []
+    for k, prompt in enumerate(prompts):
+        result = ctx.original(prompt=prompt, num_inference_steps=ctx.settings.steps, guidance_scale=ctx.settings.guidance_scale,
+                              generator=torch.Generator().manual_seed(seed_offset + k), output_type="latent")
+        out.append(result.images)
+    return torch.cat(out)
+
+
 class RingABellProbe:
     """Text-encoder-only discrete prompt search towards the concept direction (Ring-A-Bell style)."""
     name, kind = "ring_a_bell", "target"
+    attack, threat_model = True, "text"  # the attacker only writes prompts
 
     def cases(self, ctx, concept):
-        from safeguard.attacks import ring_a_bell
+        from safeguard.attacks import prompt_token_room, ring_a_bell
 
         ProbeCase, ProbeCases = _context_types()
-        anchors = list(concept.expanded_forget_anchors())
-        neutral = [a.replace(n, "something") for a in anchors for n in (concept.name, *concept.aliases) if n in a] or ["a picture"]
-        banned = sorted({w.lower() for n in (concept.name, *concept.aliases) for w in n.split() if len(w) > 2})
-        result = ring_a_bell(ctx.edited, anchors, neutral[: len(anchors)], budget=ctx.settings.attack_budget,
-                             seed=ctx.seed, banned_words=banned)
+        s = ctx.settings
+        concept_prompts, neutral = _neutral_pairs(concept)
+        banned = _banned_words(concept)
+        length = min(s.ring_a_bell_length, prompt_token_room(ctx.original))
+        # Only the text encoder is searched, so the original's is used: the prompt must evoke the concept
+        # on the unedited model for the probe to say anything about the edited one.
+        result = ring_a_bell(ctx.original, concept_prompts, neutral, budget=s.ring_a_bell_generations, seed=ctx.seed,
+                             length=length, population=s.ring_a_bell_population, eta=s.ring_a_bell_eta,
+                             banned_words=banned)
         labels, texts = ctx.concept_labels(concept)
         attack = {"budget": result.budget, "steps_used": result.steps_used, "seed": result.seed, "prompt": result.prompt,
-                  "score": result.score, "seconds": result.seconds, "banned_words": banned}
+                  "score": result.score, "seconds": result.seconds, "banned_words": banned,
+                  "population": s.ring_a_bell_population, "generations": s.ring_a_bell_generations, "length": length,
+                  "eta": s.ring_a_bell_eta, "evaluations": s.ring_a_bell_population * (s.ring_a_bell_generations + 1),
+                  "prompts_encoded": result.details["prompts_encoded"],
+                  "concept_prompt_cosine": result.details["concept_prompt_cosine"]}
         return ProbeCases([ProbeCase(result.prompt, concept.label, labels, texts)], attack=attack,
-                          images_per_prompt=ctx.settings.attack_images)
+                          images_per_prompt=s.attack_images)
+
+
+class UnlearnDiffAtkProbe:
+    """UnlearnDiffAtk: a few discrete prefix tokens before the concept's prompt, searched with the edited
+    denoiser's own loss toward the original model's images of the concept; the result is a plain prompt."""
+    name, kind = "unlearn_diff_atk", "target"
+    attack, threat_model = True, "text"  # white-box search, but what it yields is a prompt anyone can type
+
+    def cases(self, ctx, concept):
+        from safeguard.attacks import unlearn_diff_attack
+
+        ProbeCase, ProbeCases = _context_types()
+        s = ctx.settings
+        anchors = list(concept.expanded_forget_anchors())[:4]
+        latents = _original_latents(ctx, anchors, 20_000)
+        banned = _banned_words(concept)
+        result = unlearn_diff_attack(ctx.edited, latents, anchors[0], n_tokens=s.uda_tokens, budget=s.uda_iterations,
+                                     lr=s.uda_lr, seed=ctx.seed, banned_words=banned)
+        labels, texts = ctx.concept_labels(concept)
+        d = result.details
+        attack = {"budget": result.budget, "steps_used": result.steps_used, "seed": result.seed, "prompt": result.prompt,
+                  "score": result.score, "seconds": result.seconds, "banned_words": banned,
+                  "iterations": s.uda_iterations, "tokens": s.uda_tokens, "lr": s.uda_lr, "init_prompt": anchors[0],
+                  "target_latents": len(anchors), "prefix": d["prefix"], "loss_before": d["loss_before"],
+                  "loss_after": d["loss_after"], "candidates_evaluated": d["candidates_evaluated"]}
+        return ProbeCases([ProbeCase(result.prompt, concept.label, labels, texts)], attack=attack,
+                          images_per_prompt=s.attack_images)
 
 
 class SoftPromptProbe:
     """White-box concept inversion: optimise a few context tokens with the edited denoiser's own loss so
-    that it reproduces the original model's images of the concept (UnlearnDiffAtk / CCE style)."""
+    that it reproduces the original model's images of the concept (CCE style)."""
     name, kind = "soft_prompt", "target"
+    attack, threat_model = True, "weights"  # it writes context vectors no prompt spells
 
     def cases(self, ctx, concept):
-        import torch
-
         from safeguard.attacks import soft_prompt_attack
 
         ProbeCase, ProbeCases = _context_types()
         anchors = list(concept.expanded_forget_anchors())[:4]
-        latents = []
-        for k, prompt in enumerate(anchors):
-            out = ctx.original(prompt=prompt, num_inference_steps=ctx.settings.steps, guidance_scale=ctx.settings.guidance_scale,
-                               generator=torch.Generator().manual_seed(10_000 + k), output_type="latent")
-            latents.append(out.images)
-        result = soft_prompt_attack(ctx.edited, torch.cat(latents), init_prompt=anchors[0], budget=ctx.settings.attack_budget,
+        latents = _original_latents(ctx, anchors, 10_000)
+        result = soft_prompt_attack(ctx.edited, latents, init_prompt=anchors[0], budget=ctx.settings.attack_budget,
                                     seed=ctx.seed)
         labels, texts = ctx.concept_labels(concept)
         desc = f"<soft prompt: {anchors[0]!r} with 4 optimised tokens>"
@@ -122,6 +187,7 @@ class RECEProbe:
     """RECE's closed-form recovery embedding: the context that makes the edited K/V reproduce the
     original K/V of the concept prompt (linear algebra only)."""
     name, kind = "rece", "target"
+    attack, threat_model = True, "weights"  # needs both models' weights and writes a raw context
 
     def cases(self, ctx, concept):
         from safeguard.attacks import rece_embedding
@@ -139,7 +205,8 @@ class RECEProbe:
         return ProbeCases(cases, attack=attack, images_per_prompt=max(1, ctx.settings.attack_images // len(cases)))
 
 
-BUILTIN_PROBES = (CanonicalProbe, ParaphraseProbe, ReplayProbe, NeighboursProbe, KeepProbe, RingABellProbe, SoftPromptProbe, RECEProbe)
+BUILTIN_PROBES = (CanonicalProbe, ParaphraseProbe, ReplayProbe, NeighboursProbe, KeepProbe, RingABellProbe,
+                  UnlearnDiffAtkProbe, SoftPromptProbe, RECEProbe)
 
 
 @hookimpl

@@ -1,11 +1,14 @@
 """Live attacks that try to bring an erased concept back out of an edited diffusers pipeline.
 
-Three attacks of rising access, each a plain function that returns an :class:`AttackResult`:
+Four attacks of rising access, each a plain function that returns an :class:`AttackResult`:
 
 ``ring_a_bell``         black-box to the denoiser: a genetic search over discrete prompts whose text embedding
                         points where the concept's embedding would (Ring-A-Bell). Transfers across erasers.
+``unlearn_diff_attack`` white-box search, text output: a few discrete prefix tokens before the concept prompt,
+                        chosen with the edited denoiser's own diffusion loss on images of the concept
+                        (UnlearnDiffAtk). The result is an ordinary prompt anyone could type.
 ``soft_prompt_attack``  white-box: learns a few context vectors against the edited denoiser's own diffusion
-                        loss on images of the concept (UnlearnDiffAtk / CCE style concept inversion).
+                        loss on images of the concept (CCE style concept inversion).
 ``rece_embedding``      closed form: the context that makes the edited K/V reproduce the original model's K/V
                         for the concept (RECE), plus how much of the concept is recoverable at all.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import inspect
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
@@ -81,10 +85,13 @@ def _call_parameters(pipe) -> set[str]:
     return set(inspect.signature(pipe.__call__).parameters)
 
 
-def _encode(pipe, prompts: Sequence[str], *, with_negative: bool = False) -> _Encoded:
-    """The context the pipeline itself builds for ``prompts`` (and its default unconditional branch)."""
+def _encode(pipe, prompts: Sequence[str], *, with_negative: bool = False, grad: bool = False) -> _Encoded:
+    """The context the pipeline itself builds for ``prompts`` (and its default unconditional branch).
+
+    ``grad=True`` keeps the autograd graph, so a hook on the text encoder's input embeddings can pass
+    gradients back to what it substitutes there."""
     params = _call_parameters(pipe)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         out = pipe.encode_prompt(prompt=list(prompts), device=pipe.device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=with_negative)
     if "pooled_prompt_embeds" in params:  # SDXL layout: embeds, negative, pooled, negative pooled
@@ -94,7 +101,7 @@ def _encode(pipe, prompts: Sequence[str], *, with_negative: bool = False) -> _En
     return _Encoded(out[0], out[1])
 
 
-def _prompt_token_room(pipe) -> int:
+def prompt_token_room(pipe) -> int:
     """How many tokens a prompt may have before the pipeline truncates it."""
     tokenizer = pipe.tokenizer
     limit = tokenizer.model_max_length
@@ -222,7 +229,7 @@ def ring_a_bell(pipe, concept_prompts: Sequence[str], neutral_prompts: Sequence[
     if population < 2 or budget < 0:
         raise ValueError("ring_a_bell needs population >= 2 and budget >= 0")
     tokenizer = pipe.tokenizer
-    room = _prompt_token_room(pipe)
+    room = prompt_token_room(pipe)
     if not 1 <= length <= room:
         raise ValueError(f"length must be between 1 and {room} (the prompt context minus special tokens)")
     elite = max(1, population // 6) if elite is None else elite
@@ -309,6 +316,45 @@ def _diffusion_target(schedule, latents, noise, timesteps, prediction_type: str)
     return latents  # "sample"
 
 
+def _training_schedule(pipe):
+    """The training-time forward process of the pipeline's noise schedule, and what the denoiser predicts.
+
+    Sampling schedulers such as DPM-Solver have no ``get_velocity``; their DDPM twin shares the betas and
+    the prediction type.
+    """
+    from diffusers import DDPMScheduler
+
+    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = schedule.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise ModelError(f"scheduler prediction_type {prediction_type!r} is not supported",
+                         fix=f"use a scheduler with prediction_type {', '.join(PREDICTION_TYPES)}")
+    return schedule, prediction_type
+
+
+def _check_target_latents(denoiser, target_latents: torch.Tensor) -> None:
+    if target_latents.ndim != 4 or target_latents.shape[1] != denoiser.config.in_channels:
+        raise ValueError(f"target_latents must be [B, {denoiser.config.in_channels}, h, w], "
+                         f"got {list(target_latents.shape)}")
+
+
+@contextmanager
+def _frozen(*modules):
+    """Eval mode and no parameter gradients for the duration; both restored afterwards."""
+    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+    modes = [m.training for m in modules]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for m in modules:
+            m.eval().requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
 def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, n_tokens: int = 4,
                        budget: int = 40, lr: float = 0.05, seed: int = 0, eval_draws: int = 8) -> AttackResult:
     """Learn ``n_tokens`` context vectors that make the (edited) denoiser denoise images of the concept.
@@ -327,27 +373,17 @@ def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, 
     ``score`` is the loss on ``eval_draws`` fixed (timestep, noise) draws per latent after the last step
     (``details['loss_before']`` is the same before the first), which does not depend on one step's draw.
     """
-    from diffusers import DDPMScheduler
-
     started = time.perf_counter()
     denoiser = denoiser_of(pipe)
     _require_prompt_space_unet(denoiser, "soft_prompt_attack")
-    if target_latents.ndim != 4 or target_latents.shape[1] != denoiser.config.in_channels:
-        raise ValueError(f"target_latents must be [B, {denoiser.config.in_channels}, h, w], "
-                         f"got {list(target_latents.shape)}")
+    _check_target_latents(denoiser, target_latents)
     if n_tokens < 1 or budget < 0 or eval_draws < 1:
         raise ValueError("soft_prompt_attack needs n_tokens >= 1, budget >= 0 and eval_draws >= 1")
 
     device, dtype = denoiser.device, denoiser.dtype
     latents = target_latents.detach().to(device, torch.float32)
     batch = latents.shape[0]
-    # The training-time forward process of the pipeline's noise schedule (sampling schedulers such as
-    # DPM-Solver have no get_velocity; the DDPM twin shares their betas and prediction type).
-    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = schedule.config.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise ModelError(f"scheduler prediction_type {prediction_type!r} is not supported",
-                         fix=f"use a scheduler with prediction_type {', '.join(PREDICTION_TYPES)}")
+    schedule, prediction_type = _training_schedule(pipe)
 
     encoded = _encode(pipe, [init_prompt])
     context = encoded.embeds.detach().to(device, torch.float32)
@@ -384,11 +420,8 @@ def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, 
         with torch.no_grad():
             return float(np.mean([loss_at(learned, t, noise).item() for t, noise in evaluation]))
 
-    was_training = denoiser.training
-    grad_flags = [(p, p.requires_grad) for p in denoiser.parameters()]
     history: list[float] = []
-    try:
-        denoiser.eval().requires_grad_(False)
+    with _frozen(denoiser):
         loss_before = evaluation_loss()
         optimiser = torch.optim.Adam([learned], lr=lr)
         with torch.enable_grad():
@@ -399,10 +432,6 @@ def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, 
                 optimiser.step()
                 history.append(loss.item())
         loss_after = evaluation_loss()
-    finally:
-        for parameter, flag in grad_flags:
-            parameter.requires_grad_(flag)
-        denoiser.train(was_training)
 
     prompt_embeds = torch.cat([fixed, learned.detach()], dim=1).to(encoded.embeds.dtype)
     return AttackResult(
@@ -414,6 +443,182 @@ def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, 
                  "learned_positions": list(range(length - n_tokens, length)), "lr": lr,
                  "prediction_type": prediction_type, "eval_draws": eval_draws,
                  "loss_before": loss_before, "loss_after": loss_after, "latents": batch},
+    )
+
+
+# ---------------------------------------------------------------------------------------- UnlearnDiffAtk
+def _find(sequence: Sequence[int], part: Sequence[int]) -> int:
+    """Index of the first occurrence of ``part`` in ``sequence``, or -1."""
+    n = len(part)
+    for start in range(len(sequence) - n + 1):
+        if list(sequence[start:start + n]) == list(part):
+            return start
+    return -1
+
+
+class _PrefixHook:
+    """Forward hook on a text encoder's input-embedding module that puts given vectors where the prefix
+    tokens sit. The vectors carry the gradient; the rest of the encoder runs unchanged."""
+
+    def __init__(self, prefix_ids: Sequence[int]):
+        self.prefix_ids = list(prefix_ids)
+        self.vectors: torch.Tensor | None = None  # [n, d]
+        self.calls = 0
+
+    def __call__(self, module, inputs, output):
+        if self.vectors is None:
+            return output
+        ids = inputs[0]
+        n = len(self.prefix_ids)
+        rows = []
+        for row in ids.tolist():
+            start = _find(row, self.prefix_ids)
+            if start < 0:
+                raise RuntimeError("the prefix tokens are not where the attack put them: the tokenizer merged them "
+                                   "with their neighbours")
+            rows.append(start)
+        self.calls += 1
+        pieces = []
+        for b, start in enumerate(rows):
+            pieces.append(torch.cat([output[b, :start], self.vectors.to(output.dtype), output[b, start + n:]]))
+        return torch.stack(pieces)
+
+
+def unlearn_diff_attack(pipe, target_latents: torch.Tensor, prompt: str, *, n_tokens: int = 5, budget: int = 40,
+                        seed: int = 0, lr: float = 0.1, banned_words: Sequence[str] | None = None,
+                        vocab: Sequence[str] | None = None, eval_draws: int = 4) -> AttackResult:
+    """UnlearnDiffAtk: ``n_tokens`` discrete tokens before ``prompt``, searched with the (edited) denoiser's
+    own diffusion loss on ``target_latents`` (images of the concept, e.g. the original model's renders of it
+    as ``output_type="latent"`` latents).
+
+    The search is gradient-guided and discrete (PEZ style): the prefix is kept as continuous vectors in the
+    text encoder's input-embedding space; every iteration projects each onto its nearest allowed token
+    embedding (cosine), encodes ``prefix + " " + prompt`` with those exact tokens, and lets the gradient of
+    the loss step the continuous vectors (straight-through). The tokens reach the encoder through a
+    forward hook on ``text_encoder.get_input_embeddings()``, removed before returning; nothing is patched.
+    Because the projected vectors are the tokens' own embeddings, every iteration's loss is that of a real
+    prompt. Each iteration draws one timestep for the whole batch and fresh noise per latent.
+
+    ``lr`` (Adam) is in units of the RMS of the allowed token embeddings, so it means the same for any text
+    encoder. ``banned_words``: no prefix token contains one of these (case-insensitive); None bans the
+    words of 3+ letters of ``prompt`` itself, ``()`` allows the whole vocabulary. ``vocab`` restricts the
+    candidate tokens to these texts.
+
+    Every distinct prefix the search visits (the initial random one included) is scored on ``eval_draws``
+    fixed (timestep, noise) draws per latent; the best becomes ``prompt``, and its loss ``score``
+    (``details['loss_before']`` is the initial prefix's). ``history`` is the per-iteration loss, which
+    depends on each iteration's draw. Deterministic in ``seed``; no weight changes.
+    """
+    started = time.perf_counter()
+    denoiser = denoiser_of(pipe)
+    _require_prompt_space_unet(denoiser, "unlearn_diff_attack")
+    _check_target_latents(denoiser, target_latents)
+    if n_tokens < 1 or budget < 0 or eval_draws < 1 or lr <= 0:
+        raise ValueError("unlearn_diff_attack needs n_tokens >= 1, budget >= 0, eval_draws >= 1 and lr > 0")
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is None or not hasattr(encoder, "get_input_embeddings"):
+        raise ModelError(f"{type(pipe).__name__} has no text_encoder with input embeddings to attack")
+    embedding = encoder.get_input_embeddings()
+    tokenizer = pipe.tokenizer
+    room = prompt_token_room(pipe)
+    used = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if used + n_tokens > room:
+        raise ValueError(f"the prompt takes {used} of {room} token positions; n_tokens must be at most {room - used}")
+
+    if banned_words is None:
+        banned_words = sorted({w for w in _words(prompt) if len(w) >= 3})
+    token_ids, token_texts, excluded = _candidate_tokens(tokenizer, vocab, banned_words)
+    table = embedding.weight.detach()
+    keep = token_ids < table.shape[0]
+    token_ids, token_texts = token_ids[keep], [t for t, k in zip(token_texts, keep) if k]
+    if len(token_ids) < 2:
+        raise ValueError("fewer than two usable tokens remain after the vocabulary and banned-word filters")
+    candidates = table[torch.as_tensor(token_ids)].float()  # [V, d]
+    unit_candidates = F.normalize(candidates, dim=1)
+    rms = float(candidates.pow(2).mean().sqrt())
+
+    device, dtype = denoiser.device, denoiser.dtype
+    latents = target_latents.detach().to(device, torch.float32)
+    batch = latents.shape[0]
+    schedule, prediction_type = _training_schedule(pipe)
+    timesteps_count = schedule.config.num_train_timesteps
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    def draw(per_latent: bool):
+        t = torch.randint(0, timesteps_count, (batch if per_latent else 1,), generator=generator).expand(batch)
+        noise = torch.randn(latents.shape, generator=generator)
+        return t.to(device), noise.to(device)
+
+    def text_of(prefix: Sequence[int]) -> str:
+        return " ".join(token_texts[i] for i in prefix) + " " + prompt
+
+    def loss_of(encoded: _Encoded, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        noisy = schedule.add_noise(latents, noise, t)
+        target = _diffusion_target(schedule, latents, noise, t, prediction_type)
+        states = encoded.embeds.expand(batch, -1, -1)
+        added = _added_conditioning(pipe, denoiser, encoded.pooled, latents)
+        pred = denoiser(noisy.to(dtype), t, encoder_hidden_states=states.to(dtype), added_cond_kwargs=added).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    evaluation = [draw(per_latent=True) for _ in range(eval_draws)]
+
+    def evaluation_loss(prefix: Sequence[int]) -> float:
+        # The prompt text alone, encoded as any user's prompt would be: no hook is involved.
+        encoded = _encode(pipe, [text_of(prefix)])
+        with torch.no_grad():
+            return float(np.mean([loss_of(encoded, t, noise).item() for t, noise in evaluation]))
+
+    start = rng.integers(0, len(token_ids), size=n_tokens)
+    vectors = candidates[torch.as_tensor(start)].clone().to(device).requires_grad_(True)
+    optimiser = torch.optim.Adam([vectors], lr=lr * rms)
+    unit_candidates = unit_candidates.to(device)
+    candidates = candidates.to(device)
+
+    def nearest() -> list[int]:
+        with torch.no_grad():
+            return (F.normalize(vectors, dim=1) @ unit_candidates.T).argmax(dim=1).tolist()
+
+    history: list[float] = []
+    visited: dict[tuple[int, ...], None] = {tuple(int(i) for i in start): None}
+    with _frozen(*pipe.components.values()):
+        for _ in range(budget):
+            prefix = nearest()
+            visited.setdefault(tuple(prefix), None)
+            hook = _PrefixHook([int(token_ids[i]) for i in prefix])
+            # Straight-through: the forward pass sees exactly the tokens' embeddings, the gradient reaches
+            # the continuous vectors.
+            hook.vectors = candidates[prefix] + (vectors - vectors.detach())
+            handle = embedding.register_forward_hook(hook)
+            try:
+                with torch.enable_grad():
+                    loss = loss_of(_encode(pipe, [text_of(prefix)], grad=True), *draw(per_latent=False))
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+            finally:
+                handle.remove()
+            if hook.calls != 1:
+                raise RuntimeError(f"the text encoder's input embeddings ran {hook.calls} times for one prompt")
+            optimiser.step()
+            history.append(loss.item())
+        visited.setdefault(tuple(nearest()), None)
+        scored = {prefix: evaluation_loss(prefix) for prefix in visited}
+
+    best = min(scored, key=lambda prefix: (scored[prefix], list(visited).index(prefix)))
+    initial = next(iter(visited))
+    final_prompt = text_of(best)
+    return AttackResult(
+        name="unlearn_diff_atk", budget=budget, steps_used=len(history), seed=seed, prompt=final_prompt,
+        prompt_embeds=None, score=scored[best], history=history, seconds=time.perf_counter() - started,
+        objective="denoiser's diffusion loss on the target latents for the found prompt (lower = the concept is "
+                  "reproduced)",
+        details={"prompt": prompt, "n_tokens": n_tokens, "iterations": budget, "lr": lr,
+                 "prefix": " ".join(token_texts[i] for i in best), "prefix_token_ids": [int(token_ids[i]) for i in best],
+                 "initial_prefix": " ".join(token_texts[i] for i in initial),
+                 "loss_before": scored[initial], "loss_after": scored[best], "candidates_evaluated": len(scored),
+                 "eval_draws": eval_draws, "prediction_type": prediction_type, "latents": batch,
+                 "banned_words": list(banned_words), "excluded_tokens": excluded,
+                 "vocabulary_size": int(len(token_ids))},
     )
 
 

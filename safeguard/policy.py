@@ -166,8 +166,18 @@ class ProbeSettings(_Strict):
     seed: int = Field(1000, ge=0, description="first probe seed; capture seeds of the eraser must not reach it")
     batch_size: int = Field(16, ge=1, le=1024)
     replay_files: tuple[str, ...] = ()
-    attack_budget: int = Field(40, ge=1, le=100000, description="optimisation steps (or generations) per attack")
+    attack_budget: int = Field(40, ge=1, le=100000, description="optimiser steps of the soft-prompt attack (Ring-A-Bell "
+                                                               "and UnlearnDiffAtk have their own budgets below)")
     attack_images: int = Field(16, ge=1, le=1024, description="seeds rendered for each prompt or embedding an attack finds")
+    ring_a_bell_population: int = Field(64, ge=2, le=100000, description="Ring-A-Bell: prompts per generation")
+    ring_a_bell_generations: int = Field(100, ge=0, le=100000, description="Ring-A-Bell: generations of the genetic search")
+    ring_a_bell_length: int = Field(16, ge=1, le=512, description="Ring-A-Bell: tokens per prompt (at most what the "
+                                                                  "text encoder takes)")
+    ring_a_bell_eta: float = Field(3.0, gt=0, le=100, description="Ring-A-Bell: strength of the concept vector in the target")
+    uda_iterations: int = Field(40, ge=0, le=100000, description="UnlearnDiffAtk: optimisation iterations")
+    uda_tokens: int = Field(5, ge=1, le=64, description="UnlearnDiffAtk: prefix tokens before the concept prompt")
+    uda_lr: float = Field(1.0, gt=0, le=100, description="UnlearnDiffAtk: Adam step, in units of the RMS of the "
+                                                         "token embeddings")
 
 
 class JudgeSpec(_Strict):
