@@ -287,9 +287,9 @@ def run_probe(ctx: ProbeContext, db, run_id: str, concept, probe_cls, evidence_d
             seeds = [settings.seed + look * per_round + j for j in range(per_round)]
             recorded += _render_round(ctx, db, run_id, probe_cls.name, concept_name,
                                       [c for g in active for c in groups[g]], seeds, recorded, evidence_dir)
+            verdict = decide_groups(rule, recorded, plan, final_look=look + 1)
             for g in active:
-                mine = [s for s in recorded if s["scores"].get("group") == g]
-                if assess(rule, mine, looks=plan[g], final=look == plan[g] - 1)["status"] != "undecided":
+                if verdict["groups"][g]["status"] != "undecided" or verdict["status"] != "undecided":
                     decided[g] = look + 1
         details = {"attack": generated.attack, "seconds": round(time.perf_counter() - t0, 2),
                    "prompts": len(generated.cases), "images_per_round": per_round, "first_seed": settings.seed,
@@ -334,6 +334,45 @@ def _render_round(ctx, db, run_id, probe, concept_name, cases, seeds, recorded, 
     return new_rows
 
 
+def decide_groups(rule: Rule, samples: list[dict], plan: dict, final_look: int | None) -> dict:
+    """The probe's decision from every group's samples after ``final_look`` rounds (None: all rounds done).
+
+    One group: its own assessment. Several (collateral damage over many concepts): any group whose retention
+    is shown below the threshold fails the probe; it passes when the pooled retention's lower bound reaches the
+    threshold and no group's own estimate falls below it ("consistent": not shown alone, no sign of damage).
+    """
+    by_group: dict = {g: [] for g in plan}
+    for s in samples:
+        by_group.setdefault(s["scores"].get("group"), []).append(s)
+    assessed = {g: assess(rule, mine, looks=plan.get(g, 1),
+                          final=final_look is None or final_look >= plan.get(g, 1)) for g, mine in by_group.items()}
+    if len(assessed) == 1:
+        (only,) = assessed.values()
+        status = only["status"]
+        row = "unassessed" if status in ("uninformative", "undecided") else status
+        return {"status": status if status == "undecided" else row, "assessment": status, "groups": assessed}
+    statuses = {a["status"] for a in assessed.values()}
+    if "fail" in statuses:
+        return {"status": "fail", "assessment": "fail", "groups": assessed}
+    pooled = assess(rule, samples, looks=max(plan.values(), default=1), final=final_look is None)
+    done = final_look is None
+    for a in assessed.values():
+        point_ok = a.get("retention") is not None and a["retention"] >= rule.threshold
+        if a["status"] in ("undecided", "unassessed") and point_ok and (pooled["status"] == "pass" or done):
+            a["status"], a["reason"] = "consistent", (a.get("reason") or "") + "; no sign of damage (the pooled retention decides)"
+    statuses = {a["status"] for a in assessed.values()}
+    if pooled["status"] == "pass" and statuses <= {"pass", "consistent"}:
+        status = "pass"
+    elif pooled["status"] == "fail" and done:
+        status = "fail"
+    elif not done:
+        status = "undecided"
+    else:
+        status = "unassessed"
+    reason = f"pooled over {len(assessed)} groups: {pooled.get('reason') or 'not decided'}"
+    return {"status": status, "assessment": status, "groups": assessed, "pooled": pooled, "reason": reason}
+
+
 def summarise(outcome: ProbeOutcome, samples: list[dict], rule: Rule, judge) -> dict:
     """Probe result row from the recorded samples of one (concept, probe): every group decided at its last
     planned look, and the row's status from the groups (any fail fails; anything short of pass is unassessed)."""
@@ -346,26 +385,15 @@ def summarise(outcome: ProbeOutcome, samples: list[dict], rule: Rule, judge) -> 
     if outcome.status == "unassessed" or not edit:
         why = outcome.error or "no samples were recorded"
         return {**row, **empty, "status": "unassessed", "details": {**row["details"], "error": why}}
-    looks = {p["group"]: p["looks"] for p in outcome.details.get("plan", [])}
-    by_group: dict = {}
-    for s in samples:
-        by_group.setdefault(s["scores"].get("group"), []).append(s)
-    groups = []
-    for g, mine in by_group.items():
-        a = assess(rule, mine, looks=looks.get(g, 1), final=True)
-        category = next((s["scores"].get("category") for s in mine if s["scores"].get("category")), None)
-        groups.append({"group": g, "category": category, **a})
-    statuses = [g["status"] for g in groups]
-    if "fail" in statuses:
-        status, assessment = "fail", "fail"
-    elif all(s == "pass" for s in statuses):
-        status, assessment = "pass", "pass"
-    else:
-        status = "unassessed"
-        assessment = "uninformative" if all(s in ("pass", "uninformative") for s in statuses) else "unassessed"
+    plan = {p["group"]: p["looks"] for p in outcome.details.get("plan", [])}
+    verdict = decide_groups(rule, samples, plan, final_look=None)
+    groups = [{"group": g, **a} for g, a in verdict["groups"].items()]
+    status, assessment = verdict["status"], verdict["assessment"]
     reasons = [f"{g['group']}: {g['reason']}" if g["group"] is not None else g["reason"]
-               for g in groups if g["status"] != "pass" and g.get("reason")]
-    z = z_for(rule.confidence, max(looks.values(), default=1))
+               for g in groups if g["status"] not in ("pass", "consistent") and g.get("reason")]
+    if verdict.get("reason") and len(groups) > 1:
+        reasons.insert(0, verdict["reason"])
+    z = z_for(rule.confidence, max(plan.values(), default=1))
     prompts = list(dict.fromkeys(s["prompt"] for s in samples))
     pooled = clustered_proportion(_clusters(edit, prompts), z, assumed_icc=rule.assumed_icc)
     pooled_orig = clustered_proportion(_clusters([s for s in samples if s["model_role"] == "original"], prompts), z,
@@ -373,7 +401,7 @@ def summarise(outcome: ProbeOutcome, samples: list[dict], rule: Rule, judge) -> 
     details = {**row["details"], "assessment": assessment, "groups": groups if len(groups) > 1 or groups[0]["group"] else None,
                "original": {"n": pooled_orig.n, "hits": pooled_orig.hits, "rate": pooled_orig.rate,
                             "ci_low": pooled_orig.low, "ci_high": pooled_orig.high},
-               "interval": pooled.as_dict(), "decision": groups[0] if len(groups) == 1 else None}
+               "interval": pooled.as_dict(), "decision": groups[0] if len(groups) == 1 else verdict.get("pooled")}
     if reasons:
         details["error" if status == "unassessed" else "failure"] = "; ".join(reasons)[:2000]
     if outcome.kind == "keep":

@@ -312,10 +312,16 @@ def _expected_status(probe: dict) -> str | None:
     """The status the recorded figures give under the gate's rules (None where they cannot say)."""
     if probe["status"] == "unassessed" or probe["threshold"] is None:
         return None
-    groups = probe.get("groups") or ([probe["decision"]] if probe.get("decision") else [])
-    if groups:
-        statuses = [g.get("status") for g in groups]
-        return "fail" if "fail" in statuses else ("pass" if all(s == "pass" for s in statuses) else "unassessed")
+    groups = probe.get("groups") or []
+    if groups:  # several groups: any fail fails; a pass needs the pooled decision and no group below threshold
+        statuses = {g.get("status") for g in groups}
+        pooled = (probe.get("decision") or {}).get("status")
+        if "fail" in statuses:
+            return "fail"
+        return "pass" if statuses <= {"pass", "consistent"} and pooled == "pass" else "unassessed"
+    if probe.get("decision"):
+        status = probe["decision"].get("status")
+        return "unassessed" if status == "uninformative" else status
     if probe["kind"] == "keep":
         low, retention = probe.get("retention_low"), probe.get("retention")
         if low is None or retention is None:
