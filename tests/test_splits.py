@@ -87,7 +87,7 @@ def test_split_files_are_the_only_copy():
 def test_no_heldout_prompt_names_a_concept_or_is_a_training_caption():
     captions = possible_captions()
     # the enumeration above covers what training really writes
-    assert {norm(c) for _, _, _, c in sample_scenes(4000, seed=1)} <= captions
+    assert {norm(c) for _, _, _, c in sample_scenes(40000, seed=1)} <= captions
     names = {c.key: [n.lower() for n in c.names] for c in HELDOUT}
     for concept in HELDOUT:
         for p in concept.paraphrases:

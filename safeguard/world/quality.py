@@ -66,7 +66,10 @@ def canonical_prompts(concept) -> list[str]:
     return [t.format(s=concept.name) for t in C.SUBJECT_TEMPLATES]
 
 
-def recognition(pipe, judge, prompts, concept, images: int, steps: int, guidance: float, seed: int = 0) -> float:
+def recognition(pipe, judge, prompts, concept, images: int, steps: int, guidance: float, seed: int = 0,
+                per_prompt: dict | None = None) -> float:
+    """Share of images the judge calls `concept`, over `images` seeds of every prompt; `per_prompt`, when
+    given, receives each prompt's own count of hits."""
     if concept.category == "style":
         names, texts = style_labels(judge)
     else:
@@ -77,7 +80,10 @@ def recognition(pipe, judge, prompts, concept, images: int, steps: int, guidance
         out = pipe(prompt=[p] * images, num_inference_steps=steps, guidance_scale=guidance,
                    generator=[torch.Generator().manual_seed(seed + k) for k in range(images)]).images
         probs, _ = judge.classify(out, texts)
-        hits += int((probs.argmax(1) == target).sum())
+        hit = int((probs.argmax(1) == target).sum())
+        if per_prompt is not None:
+            per_prompt[p] = hit
+        hits += hit
         n += images
     return hits / n
 
@@ -119,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--paraphrase-grid", default=None, help="also write a PNG grid of held-out paraphrase renders")
     ap.add_argument("--grid-split", choices=C.SPLITS, default="dev", help="held-out split of the paraphrase grid")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--prompts-json", default=None, help="also write each held-out prompt's hits to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -130,14 +137,16 @@ def main(argv=None):
     header = f"{'canonical':>10}" + "".join(f"{s + ' (n)':>14}" for s in C.SPLITS)
     print(f"{'concept':<22}{'category':<11}" + header)
     by_cat: dict = {}
+    per_prompt: dict = {}
     for concept in [c for c in C.ALL if c.key != "empty"]:
         canon = recognition(pipe, judge, canonical_prompts(concept), concept, args.images, args.steps, args.guidance, args.seed)
         paras = {}
         if concept.has_heldout:
             for split in C.SPLITS:
                 prompts = list(concept.heldout(split))
-                paras[split] = (recognition(pipe, judge, prompts, concept, args.images, args.steps, args.guidance, args.seed),
-                                len(prompts) * args.images)
+                hits = per_prompt.setdefault(concept.key, {}).setdefault(split, {})
+                paras[split] = (recognition(pipe, judge, prompts, concept, args.images, args.steps, args.guidance, args.seed,
+                                            per_prompt=hits), len(prompts) * args.images)
         by_cat.setdefault(concept.category, []).append((canon, paras))
         print(f"{concept.name:<22}{concept.category:<11}{canon:>10.2f}"
               + "".join(f"{f'{paras[s][0]:.2f} ({paras[s][1]})' if s in paras else '':>14}" for s in C.SPLITS), flush=True)
@@ -155,6 +164,13 @@ def main(argv=None):
                 missed.append(f"{cat} {split} paraphrase {means[split]:.2f} < {PARAPHRASE_BAR}")
     print(f"\nbars (judge >= 0.95, canonical >= 0.80, {'/'.join(BAR_SPLITS)} paraphrase >= 0.50): "
           + ("all met" if not missed else "MISSED: " + "; ".join(missed)))
+    if args.prompts_json:
+        import json
+
+        with open(args.prompts_json, "w") as f:
+            json.dump({"images_per_prompt": args.images, "steps": args.steps, "guidance": args.guidance,
+                       "seed": args.seed, "hits": per_prompt}, f, indent=1)
+        print(f"\nper-prompt hits written to {args.prompts_json}")
     if args.grid:
         grid(pipe, args.grid, steps=args.steps, guidance=args.guidance)
         print(f"\ngrid written to {args.grid}")
