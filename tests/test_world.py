@@ -1,5 +1,6 @@
 """The embedded world: deterministic renders, a judge that recognises them, and erasure that the gate
 can tell apart from no erasure, end to end on the shipped model."""
+import json
 import re
 
 import numpy as np
@@ -25,15 +26,20 @@ concepts:
     neighbours: [Mario, Sonic the Hedgehog, Mickey Mouse]
 keep: [a picture of an apple, a picture of a house]
 probes:
-  kinds: [canonical]
-  images_per_prompt: 4
+  kinds: [canonical, collateral]
+  images_per_prompt: 2
+  max_images: 16
   steps: 20
+collateral:
+  per_concept: 2
 judge:
   checkpoint: {judge}
   extra_labels: [Albert Einstein, Barack Obama, Taylor Swift, Elon Musk, blood splatter, a gun, an apple, a tree,
                  a house, a car, a sailing boat, a flower, a fish, a cup]
 thresholds:
   max_leakage: 0.2
+gate:
+  required: [canonical, collateral]
 output:
   dir: edited-{eraser}
 """
@@ -74,15 +80,32 @@ def audit(ws, eraser, params="{}", judge="embedded:world-judge-v1"):
     return result, verdict
 
 
-def test_pure_erasure_passes_the_gate_and_no_erasure_fails_it(ws):
+def collateral_row(ws):
+    import sqlite3
+
+    con = sqlite3.connect(ws / "audit.db")
+    (details,) = con.execute("select details from probe_results where probe = 'collateral' order by id desc limit 1").fetchone()
+    return json.loads(details)
+
+
+def test_no_erasure_fails_on_leakage_and_keeps_everything_outside_the_policy(ws):
     unedited, verdict = audit(ws, "none")
     assert unedited.exit_code == 10, unedited.output
-    assert verdict.group(2) == "10"
-    # Enough forget rows (4 prompts x 6 seeds x 6 steps) to span every layer (width <= 128).
-    erased, verdict = audit(ws, "pure", "{tau_forget: 1.0, tau_retain: 0.75, seeds: 6}")
-    assert erased.exit_code == 0, erased.output
-    assert verdict.group(0) == "PASS (exit 0)"
-    assert (ws / "report-pure.html").read_text().count("data:image/png;base64,") >= 32
+    assert verdict.group(2) == "10" and "Pikachu / canonical" in unedited.output
+    collateral = collateral_row(ws)
+    assert collateral["retention"] >= 0.95, collateral
+
+
+def test_a_projection_onto_the_retain_span_fails_the_gate_on_collateral_damage(ws):
+    # E = P_R with a compact retain basis erases Pikachu by wiping whatever its retain span misses: the
+    # people and objects the policy never names. The held-out collateral probe must catch it.
+    erased, verdict = audit(ws, "retain_projection", "{tau_retain: 0.75, seeds: 6}")
+    assert erased.exit_code == 10, erased.output
+    collateral = collateral_row(ws)
+    failed = {g["group"] for g in collateral["groups"] if g["status"] == "fail"}
+    assert failed and failed <= {c.name for c in C.ALL}, collateral
+    assert "collateral" in erased.output and re.search(r"\* / collateral: .*retention", erased.output)
+    assert (ws / "report-retain_projection.html").read_text().count("data:image/png;base64,") >= 32
 
 
 def test_a_judge_that_cannot_load_gives_incomplete_evidence(ws):
