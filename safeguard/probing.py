@@ -346,6 +346,8 @@ def decide_groups(rule: Rule, samples: list[dict], plan: dict, final_look: int |
         by_group.setdefault(s["scores"].get("group"), []).append(s)
     assessed = {g: assess(rule, mine, looks=plan.get(g, 1),
                           final=final_look is None or final_look >= plan.get(g, 1)) for g, mine in by_group.items()}
+    for g, mine in by_group.items():
+        assessed[g]["category"] = next((s["scores"].get("category") for s in mine if s["scores"].get("category")), None)
     if len(assessed) == 1:
         (only,) = assessed.values()
         status = only["status"]

@@ -1,6 +1,7 @@
 """The report renderer: self-contained, escaped, fail-closed HTML; Markdown and JSON summaries; a real browser."""
 from __future__ import annotations
 
+import copy
 import base64
 import fcntl
 import io
@@ -446,3 +447,28 @@ def test_browser_check_notices_remote_loads_and_scripts(data, evidence_dir, tmp_
     problems = " ".join(open_in_chromium(html_file, tmp_path / "profile")["problems"])
     assert "https://example.invalid/tracker.png" in problems
     assert "inline script" in problems
+
+
+def test_report_shows_the_evidence_rules_power_substitution_and_collateral_groups(data, evidence_dir):
+    data = copy.deepcopy(data)
+    data["evidence_rules"] = {"required": ["canonical", "paraphrase", "collateral", "keep", "attack"], "confidence": 0.95,
+                              "max_images": 64, "images_per_round": 2, "assumed_icc": 0.2, "min_elicitation": 0.5,
+                              "min_collateral_retention": 0.9, "max_substitution": 0.5, "operator": "retain_projection"}
+    target = data["concepts"][0]["probes"][0]
+    target.update(assessment="uninformative", status="unassessed", power=0.25, error="uninformative: only 0.25",
+                  substitution={"labels": {"Piet Mondrian": 12, "plain": 4}, "into_protected": 12, "rate": 0.75,
+                                "threshold": 0.5, "status": "fail"})
+    groups = [{"group": "Albert Einstein", "category": "person", "status": "fail", "retention": 0.0, "retention_low": 0.0,
+               "retention_high": 0.1, "edited": {"n": 8, "rate": 0.0}, "original": {"n": 8, "rate": 1.0}},
+              {"group": "a cup", "category": "object", "status": "consistent", "retention": 1.0, "retention_low": 0.8,
+               "retention_high": 1.2, "edited": {"n": 8, "rate": 1.0}, "original": {"n": 8, "rate": 1.0}}]
+    data["concepts"].append({"name": "Outside the policy", "category": "collateral", "verdict": "fail", "probes": [
+        {"probe": "collateral", "kind": "keep", "status": "fail", "n": 16, "hits": 8, "rate": 0.5, "ci_low": 0.2,
+         "ci_high": 0.8, "threshold": 0.9, "retention": 0.5, "retention_low": 0.2, "retention_high": 0.8,
+         "groups": groups, "error": "Albert Einstein: retention 0.00 is below 0.90", "samples": []}]})
+    text = " ".join(Page(render_html(data, evidence_dir)).body_text.split())
+    assert "How this verdict is reached" in text and "canonical, paraphrase, collateral, keep, attack" in text
+    assert "This edit reduces to a projection onto the retain span" in text
+    assert "UNINFORMATIVE" in text and "Piet Mondrian 12" in text
+    assert "Albert Einstein" in text and "CONSISTENT" in text and "Outside the policy" in text
+    assert "Failed because" in text and "Albert Einstein: retention 0.00 is below 0.90" in text
