@@ -457,35 +457,29 @@ def _find(sequence: Sequence[int], part: Sequence[int]) -> int:
 
 
 class _PrefixHook:
-    """Forward hook on a text encoder's input-embedding module that puts given vectors where the prefix
-    tokens sit. The vectors carry the gradient; the rest of the encoder runs unchanged."""
+    """Forward hook on a text encoder's input-embedding module: ``vectors`` [n, d] replace the embeddings of
+    the prefix tokens ``prefix_ids`` wherever that run of ids occurs in a row. The vectors carry the
+    gradient; the rest of the encoder runs unchanged."""
 
-    def __init__(self, prefix_ids: Sequence[int]):
-        self.prefix_ids = list(prefix_ids)
-        self.vectors: torch.Tensor | None = None  # [n, d]
+    def __init__(self, prefix_ids: Sequence[int], vectors: torch.Tensor):
+        self.prefix_ids, self.vectors = list(prefix_ids), vectors
         self.calls = 0
 
     def __call__(self, module, inputs, output):
-        if self.vectors is None:
-            return output
-        ids = inputs[0]
         n = len(self.prefix_ids)
         rows = []
-        for row in ids.tolist():
+        for b, row in enumerate(inputs[0].tolist()):
             start = _find(row, self.prefix_ids)
             if start < 0:
                 raise RuntimeError("the prefix tokens are not where the attack put them: the tokenizer merged them "
                                    "with their neighbours")
-            rows.append(start)
+            rows.append(torch.cat([output[b, :start], self.vectors.to(output.dtype), output[b, start + n:]]))
         self.calls += 1
-        pieces = []
-        for b, start in enumerate(rows):
-            pieces.append(torch.cat([output[b, :start], self.vectors.to(output.dtype), output[b, start + n:]]))
-        return torch.stack(pieces)
+        return torch.stack(rows)
 
 
 def unlearn_diff_attack(pipe, target_latents: torch.Tensor, prompt: str, *, n_tokens: int = 5, budget: int = 40,
-                        seed: int = 0, lr: float = 0.1, banned_words: Sequence[str] | None = None,
+                        seed: int = 0, lr: float = 3.0, banned_words: Sequence[str] | None = None,
                         vocab: Sequence[str] | None = None, eval_draws: int = 4) -> AttackResult:
     """UnlearnDiffAtk: ``n_tokens`` discrete tokens before ``prompt``, searched with the (edited) denoiser's
     own diffusion loss on ``target_latents`` (images of the concept, e.g. the original model's renders of it
@@ -585,10 +579,9 @@ def unlearn_diff_attack(pipe, target_latents: torch.Tensor, prompt: str, *, n_to
         for _ in range(budget):
             prefix = nearest()
             visited.setdefault(tuple(prefix), None)
-            hook = _PrefixHook([int(token_ids[i]) for i in prefix])
             # Straight-through: the forward pass sees exactly the tokens' embeddings, the gradient reaches
             # the continuous vectors.
-            hook.vectors = candidates[prefix] + (vectors - vectors.detach())
+            hook = _PrefixHook([int(token_ids[i]) for i in prefix], candidates[prefix] + (vectors - vectors.detach()))
             handle = embedding.register_forward_hook(hook)
             try:
                 with torch.enable_grad():

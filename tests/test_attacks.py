@@ -215,8 +215,7 @@ def test_prefix_hook_feeds_the_tokens_own_embeddings_and_passes_the_gradient(tin
     embedding = pipe.text_encoder.get_input_embeddings()
     ids = pipe.tokenizer("cat tree", add_special_tokens=False)["input_ids"]
     vectors = embedding.weight[ids].detach().clone().requires_grad_(True)
-    hook = _PrefixHook(ids)
-    hook.vectors = embedding.weight[ids].detach() + (vectors - vectors.detach())
+    hook = _PrefixHook(ids, embedding.weight[ids].detach() + (vectors - vectors.detach()))
     handle = embedding.register_forward_hook(hook)
     try:
         with torch.enable_grad():
