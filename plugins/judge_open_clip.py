@@ -3,6 +3,8 @@
 ``judge.checkpoint`` in a policy is either ``embedded:world-judge-v1`` (the judge trained on the embedded
 world) or ``MODEL@WEIGHTS``: an open_clip model name and a local weight file or an open_clip pretrained tag
 found in the local cache, e.g. ``ViT-B-32@/models/clip-vit-b-32.safetensors``.
+
+The judge computes in float32 on the configured ``--device`` (the device the pipelines run on).
 """
 from __future__ import annotations
 
@@ -20,10 +22,20 @@ class OpenClipJudge:
     name = "open_clip"
     version = "1"
 
-    def __init__(self, checkpoint: str, template: str | None = None, base_dir: Path | None = None):
+    def __init__(self, checkpoint: str, template: str | None = None, base_dir: Path | None = None, device=None):
+        from safeguard import runtime
+
+        runtime.apply_library_settings()
+        with runtime.phase(f"loading the open_clip judge {checkpoint}", fix="check judge.checkpoint"):
+            self._load(checkpoint, template, base_dir, device)
+
+    def _load(self, checkpoint: str, template: str | None, base_dir: Path | None, device) -> None:
         import open_clip
         import torch
 
+        from safeguard import runtime
+
+        self.device = runtime.resolve_device(device) if not isinstance(device, torch.device) else device
         self.checkpoint = checkpoint
         self.templates = {"subject": template or "a photo of {}", "style": "a painting in the style of {}",
                           "plain_style": "a plain photo"}
@@ -41,7 +53,7 @@ class OpenClipJudge:
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
             weights = path if path.exists() else None
             self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.to(self.device, torch.float32).eval().requires_grad_(False)
         self.preprocess = preprocess
         self.weights_path = weights
         self.sha256 = _sha256(weights) if weights else f"open_clip-pretrained:{checkpoint}"
@@ -87,22 +99,23 @@ class OpenClipJudge:
         missing = [t for t in texts if t not in self._text_cache]
         if missing:
             with self._torch.no_grad():
-                feats = self.model.encode_text(self.tokenizer(missing))
-                feats = feats / feats.norm(dim=-1, keepdim=True)
+                feats = self.model.encode_text(self.tokenizer(missing).to(self.device))
+                feats = (feats / feats.norm(dim=-1, keepdim=True)).cpu()
             self._text_cache.update(zip(missing, feats))
         return self._torch.stack([self._text_cache[t] for t in texts])
 
     def image_features(self, images):
+        """Normalised image features, a float32 CPU tensor [images, dim]."""
         with self._torch.no_grad():
-            x = self._torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+            x = self._torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
             feats = self.model.encode_image(x)
-            return feats / feats.norm(dim=-1, keepdim=True)
+            return (feats / feats.norm(dim=-1, keepdim=True)).float().cpu()
 
     def classify(self, images, label_texts: list[str]):
         """Softmax over label_texts for each image, and the normalised image features."""
         img = self.image_features(images)
         txt = self._text_features(label_texts)
-        logits = self.model.logit_scale.exp() * img @ txt.T
+        logits = self.model.logit_scale.exp().cpu() * img @ txt.T
         return logits.softmax(dim=-1).numpy(), img.numpy()
 
 

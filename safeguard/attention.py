@@ -19,8 +19,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, SlicedAttnProcessor
 from diffusers.utils import deprecate
+
+from . import runtime
+
+# Processors a capture may stand in for: AttnProcessor2_0 itself and the sliced processor that
+# `--attention-slicing` (diffusers' enable_attention_slicing) installs, which computes the same softmax
+# attention in chunks of heads.
+SAME_AS_SDPA = (AttnProcessor2_0, SlicedAttnProcessor)
 
 __all__ = [
     "ActivationRecorder",
@@ -243,9 +250,10 @@ def capturing_cross_attention(
     originals = denoiser.attn_processors
     for path in modules:
         processor = originals[f"{path}.processor"]
-        # The capture reproduces AttnProcessor2_0; another processor (IP-adapter, LoRA, fused, sliced...)
-        # computes something else, and replacing it would silently change what the model does.
-        if type(processor) is not AttnProcessor2_0:
+        # The capture reproduces AttnProcessor2_0; another processor (IP-adapter, LoRA, fused...) computes
+        # something else, and replacing it would silently change what the model does. Sliced attention
+        # computes the same function in chunks; cross-attention layers are small enough to run unsliced.
+        if type(processor) not in SAME_AS_SDPA:
             raise TypeError(
                 f"{path} uses {type(processor).__name__}; activation capture reproduces AttnProcessor2_0 "
                 "only (set it with denoiser.set_attn_processor(AttnProcessor2_0()))"
@@ -294,7 +302,8 @@ def capture_prompt_activations(
     For every seed, the pipeline itself runs ``steps`` inference steps on a batch of up to ``batch_size``
     prompts (``output_type="latent"``, so nothing is decoded). Each prompt gets its own
     ``torch.Generator().manual_seed(seed)``, so its starting latent, and therefore its rows, do not depend on
-    which prompts share its batch. ``E`` is the number of denoiser evaluations per trajectory: ``steps`` for
+    which prompts share its batch (generators live on the CPU, so the rows do not depend on the device
+    either, up to the device's arithmetic). ``E`` is the number of denoiser evaluations per trajectory: ``steps`` for
     first-order schedulers (DDIM, Euler, DPM-Solver multistep); PNDM and Heun-type schedulers evaluate more.
     Rows of one prompt are ordered seed by seed, then by evaluation.
     """
@@ -314,7 +323,10 @@ def capture_prompt_activations(
     per_prompt: dict[str, list[torch.Tensor]] = defaultdict(list)  # layer -> one [seeds * E, width] per prompt
     call_options: dict[str, Any] = {"height": height, "width": width}
 
-    with _progress_bar_disabled(pipe), capturing_cross_attention(denoiser, recorder, layers):
+    calls = -(-len(prompts) // batch_size) * len(seeds)
+    with (_progress_bar_disabled(pipe), capturing_cross_attention(denoiser, recorder, layers),
+          runtime.phase("capturing cross-attention activations (pipeline calls)"),
+          runtime.progress("capturing activations", calls) as shown):
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             by_seed: dict[str, list[torch.Tensor]] = defaultdict(list)  # layer -> [E, batch, width] per seed
@@ -325,10 +337,11 @@ def capture_prompt_activations(
                     batch,
                     num_inference_steps=steps,
                     guidance_scale=guidance_scale,
-                    generator=[torch.Generator().manual_seed(seed) for _ in batch],
+                    generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in batch],
                     output_type="latent",
                     **call_options,
                 )
+                shown.advance()
                 for layer in recorder.rows:
                     by_seed[layer].append(recorder.evaluations(layer))
             for layer, runs in by_seed.items():

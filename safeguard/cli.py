@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, runtime
 from .errors import SafeguardError
 
 DB_OPTION = click.option("--db", "db_url", envvar="SAFEGUARD_DB", show_envvar=True, default=None,
@@ -19,14 +19,73 @@ def _fail(exc: SafeguardError):
     sys.exit(1)
 
 
+def _fail_unexpected(exc: Exception, ctx: click.Context):
+    command = " ".join(["safeguard", *ctx.command_path.split()[1:]])
+    click.echo(f"Error: {runtime.describe_error(exc, command)}", err=True)
+    sys.exit(1)
+
+
+# --- global options: how models run and how much is shown --------------------------------------------------
+# Given before the command (`safeguard --device cpu apply ...`) or after it (`safeguard apply ... --device
+# cpu`); the group sets every setting on each invocation, a command only those given on its command line.
+def _setting(name: str, convert=lambda value: value):
+    def callback(ctx, param, value):
+        if ctx.resilient_parsing:
+            return
+        if isinstance(ctx.command, click.Group) or ctx.get_parameter_source(param.name) is click.core.ParameterSource.COMMANDLINE:
+            try:
+                runtime.configure(**{name: convert(value)})
+            except SafeguardError as exc:
+                raise click.BadParameter(exc.message + (f" ({exc.fix})" if exc.fix else ""), ctx=ctx, param=param) from None
+    return callback
+
+
+def _global_options(*, command: bool) -> list[click.Option]:
+    env = (lambda name: None) if command else (lambda name: name)
+    common = dict(expose_value=False, hidden=command, show_envvar=not command)
+    return [
+        click.Option(["--device"], default="auto", show_default=True, metavar="auto|cpu|cuda[:N]|mps",
+                     envvar=env("SAFEGUARD_DEVICE"), callback=_setting("device"),
+                     help="Where models run; auto: CUDA, else MPS, else the CPU.", **common),
+        click.Option(["--dtype"], default="auto", show_default=True, type=click.Choice(runtime.DTYPES),
+                     envvar=env("SAFEGUARD_DTYPE"), callback=_setting("dtype"),
+                     help="Compute dtype; auto: float32 on the CPU, the model files' dtype on an accelerator. "
+                          "Edited models are written in the dtype their input files had.", **common),
+        click.Option(["--cpu-offload"], is_flag=True, envvar=env("SAFEGUARD_CPU_OFFLOAD"), callback=_setting("cpu_offload"),
+                     help="Keep models in CPU memory and move each to the accelerator while it runs "
+                          "(diffusers' model CPU offload; needs accelerate).", **common),
+        click.Option(["--attention-slicing"], is_flag=True, envvar=env("SAFEGUARD_ATTENTION_SLICING"),
+                     callback=_setting("attention_slicing"),
+                     help="Compute attention in slices to save accelerator memory (diffusers' attention slicing).", **common),
+        click.Option(["-v", "--verbose"], count=True, callback=_setting("verbosity"),
+                     help="Show the model libraries' logs, warnings and progress bars (-vv: their info logs too).", **common),
+        click.Option(["-q", "--quiet"], is_flag=True, callback=_setting("quiet"),
+                     help="No progress display on stderr (it is off anyway when stderr is not a terminal).", **common),
+        click.Option(["--debug"], is_flag=True, envvar=env("SAFEGUARD_DEBUG"), callback=_setting("debug"),
+                     help="Show the full traceback of unexpected errors instead of one line.", **common),
+    ]
+
+
 class _Command(click.Command):
-    """Prints SafeguardError as one line (exit 1) instead of a traceback."""
+    """Prints SafeguardError as one line (exit 1) instead of a traceback, and any other error as one line
+    naming what failed and a fix (the traceback with --debug). Accepts the global options too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(_global_options(command=True))
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with runtime.library_warnings():
+                return super().invoke(ctx)
         except SafeguardError as exc:
             _fail(exc)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if runtime.current().debug:
+                raise
+            _fail_unexpected(exc, ctx)
 
 
 class _Group(click.Group):
@@ -34,6 +93,12 @@ class _Group(click.Group):
     group_class = type
 
 
+def _with_global_options(group: click.Group) -> click.Group:
+    group.params.extend(_global_options(command=False))
+    return group
+
+
+@_with_global_options
 @click.group(cls=_Group)
 @click.version_option(__version__, "--version", prog_name="safeguard")
 def cli():

@@ -9,6 +9,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
                              fix="copy the complete model folder")
 
 
-def _component_overrides(folder: Path) -> dict:
+def _component_overrides(folder: Path, dtype=None) -> dict:
     """Components that live outside the folder (the embedded model's text encoder ships in a package)."""
     overrides = {}
     for sub in folder.iterdir():
@@ -115,41 +116,169 @@ def _component_overrides(folder: Path) -> dict:
 
                 from .world.assets import minilm_path
 
-                overrides[sub.name] = BertModel.from_pretrained(str(minilm_path())).eval()
+                encoder = BertModel.from_pretrained(str(minilm_path())).eval()
+                overrides[sub.name] = encoder.to(dtype) if dtype is not None else encoder
             else:
                 raise ModelError(f"unknown external component source {spec!r}", file=str(source), field="model.source",
                                  fix="save the component inside the folder")
     return overrides
 
 
-def load_pipeline(source: str | Path, revision: str | None = None, allow_pickle: bool = False, base_dir: Path | None = None):
-    """Load any diffusers pipeline through DiffusionPipeline.from_pretrained, safetensors only by default."""
-    import torch
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as dlogging
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
+MAX_TOKENIZER_LENGTH = 1_000_000  # above this a model_max_length is transformers' "no limit" sentinel
 
-    dlogging.set_verbosity_error()
+
+@dataclass
+class StoredFormat:
+    """How a model folder stores its weights: the floating dtype of each component's files (the one most
+    of its parameters use) and the file variant to load (``"fp16"`` for ``*.fp16.safetensors``), if any."""
+    dtypes: dict[str, str]
+    variant: str | None = None
+
+    def denoiser_dtype(self) -> str | None:
+        for name in ("unet", "transformer", "prior", "decoder"):
+            if name in self.dtypes:
+                return self.dtypes[name]
+        return next(iter(self.dtypes.values()), None)
+
+
+def _weight_files(sub: Path) -> dict[str | None, list[Path]]:
+    """A component folder's safetensors files by variant (None: the plain files)."""
+    by_variant: dict[str | None, list[Path]] = {}
+    for p in sorted(sub.iterdir()):
+        if not (p.is_file() and p.name.endswith(".safetensors")):
+            continue
+        stem, _, variant = _SHARD_SUFFIX.sub("", p.name[: -len(".safetensors")]).rpartition(".")
+        by_variant.setdefault(variant if stem else None, []).append(p)
+    return by_variant
+
+
+def _safetensors_dtype(files: list[Path]) -> str | None:
+    """The floating dtype holding most parameters of these files, read from their headers only."""
+    counts: dict[str, int] = {}
+    for path in files:
+        try:
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else {}
+        except (OSError, ValueError):
+            continue  # a damaged file is reported by the loader, with its own message
+        for key, info in header.items():
+            if key == "__metadata__" or not isinstance(info, dict):
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype:
+                numel = 1
+                for dim in info.get("shape", []):
+                    numel *= int(dim)
+                counts[dtype] = counts.get(dtype, 0) + numel
+    return max(counts, key=counts.get) if counts else None
+
+
+def stored_format(folder: Path) -> StoredFormat:
+    """The dtypes and the file variant of a local diffusers folder (see :class:`StoredFormat`).
+
+    Plain files are preferred; a variant is used only when some component has nothing else (a folder
+    saved with ``save_pretrained(..., variant="fp16")``).
+    """
+    folder = Path(folder)
+    files: dict[str, dict[str | None, list[Path]]] = {}
+    for sub in sorted(folder.iterdir()):
+        if sub.is_dir() and not sub.name.startswith("."):
+            found = _weight_files(sub)
+            if found:
+                files[sub.name] = found
+    variant = None
+    for found in files.values():
+        if None not in found:
+            variant = sorted(found)[0]
+            break
+    dtypes = {}
+    for component, found in files.items():
+        chosen = found.get(variant) if variant in found else found.get(None)
+        dtype = _safetensors_dtype(chosen or [])
+        if dtype:
+            dtypes[component] = dtype
+    return StoredFormat(dtypes, variant)
+
+
+def _dtype_keyword() -> str:
+    """``dtype`` where diffusers takes it (``torch_dtype`` is deprecated there), ``torch_dtype`` before."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def check_tokenizers(pipe, where) -> None:
+    """A tokenizer without a usable ``model_max_length`` (transformers then reports int(1e30)) pads prompts
+    to no length at all: refuse it with the fix, instead of an OverflowError at the first prompt."""
+    for name, component in pipe.components.items():
+        if not name.startswith("tokenizer") or component is None:
+            continue
+        length = getattr(component, "model_max_length", None)
+        if isinstance(length, int) and 0 < length <= MAX_TOKENIZER_LENGTH:
+            continue
+        encoder = pipe.components.get(name.replace("tokenizer", "text_encoder"))
+        limit = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+        value = f'"model_max_length": {limit}' if isinstance(limit, int) else '"model_max_length" (77 for CLIP text encoders)'
+        shown = "not set" if length is None or (isinstance(length, int) and length > MAX_TOKENIZER_LENGTH) else repr(length)
+        folder = Path(where) / name if isinstance(where, Path) else f"{where}/{name}"
+        raise ModelError(f"tokenizer {name!r} has no usable model_max_length ({shown}), so prompts cannot be padded",
+                         file=str(folder), field="model.source", fix=f"set {value} in {name}/tokenizer_config.json")
+
+
+def load_pipeline(source: str | Path, revision: str | None = None, allow_pickle: bool = False, base_dir: Path | None = None,
+                  *, device=None, dtype=None):
+    """Load any diffusers pipeline through DiffusionPipeline.from_pretrained, safetensors only by default.
+
+    ``device`` and ``dtype`` default to the configured ``--device``/``--dtype`` (:mod:`safeguard.runtime`):
+    on the CPU the model computes in float32 whatever its files hold. Folders saved with a file variant
+    (``*.fp16.safetensors``) load that variant. The stored dtypes are remembered, so
+    :func:`write_pipeline_atomically` writes an edited model back in the dtypes its input had.
+    """
+    import torch
+
+    from . import runtime
+
+    runtime.apply_library_settings()
+    from diffusers import DiffusionPipeline
+
     where = resolve_source(str(source), base_dir) if not isinstance(source, Path) else source
-    kwargs = {}
-    if isinstance(where, Path):
-        check_model_folder(where, allow_pickle)
-        kwargs.update(_component_overrides(where))
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(where), revision=revision, use_safetensors=None if allow_pickle else True,
-                                                 **kwargs)
-    except ModelError:
-        raise
-    except Exception as exc:  # diffusers, safetensors and hub errors all land here
-        text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        if "safetensor" in text.lower() or "header" in text.lower() or "deserializ" in text.lower():
-            raise ModelError(f"a weight file is corrupt or truncated ({text})", file=str(where), field="model.source",
-                             fix="restore the model files from the original source") from None
-        raise ModelError(f"cannot load the model ({text})", file=str(where), field="model.source",
-                         fix="check model.source and model.revision") from None
-    pipe.set_progress_bar_config(disable=True)
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval().requires_grad_(False)
+    with runtime.phase(f"loading the model {where}",
+                       fix="check model.source; --device cpu --dtype float32 rules out the accelerator"):
+        target = runtime.resolve_device(device) if not isinstance(device, torch.device) else device
+        kwargs = {}
+        stored = StoredFormat({})
+        if isinstance(where, Path):
+            check_model_folder(where, allow_pickle)
+            stored = stored_format(where)
+        compute = dtype if isinstance(dtype, torch.dtype) else runtime.resolve_dtype(dtype, target, stored.denoiser_dtype())
+        if isinstance(where, Path):
+            kwargs.update(_component_overrides(where, compute))
+        if stored.variant:
+            kwargs["variant"] = stored.variant
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(where), revision=revision, use_safetensors=None if allow_pickle else True,
+                                                     **{_dtype_keyword(): compute}, **kwargs)
+        except ModelError:
+            raise
+        except Exception as exc:  # diffusers, safetensors and hub errors all land here
+            text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            if "safetensor" in text.lower() or "header" in text.lower() or "deserializ" in text.lower():
+                raise ModelError(f"a weight file is corrupt or truncated ({text})", file=str(where), field="model.source",
+                                 fix="restore the model files from the original source") from None
+            raise ModelError(f"cannot load the model ({text})", file=str(where), field="model.source",
+                             fix="check model.source and model.revision") from None
+        check_tokenizers(pipe, where)
+        pipe.set_progress_bar_config(disable=True)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval().requires_grad_(False)
+    with runtime.phase(f"moving the model to {target} ({str(compute).removeprefix('torch.')})",
+                       fix="--dtype float16 or --cpu-offload need less accelerator memory; --device cpu needs none"):
+        runtime.place_pipeline(pipe, target)
+    pipe._safeguard_stored = stored
     return pipe
 
 
@@ -186,6 +315,32 @@ def _bases_tensors(bases: dict[str, dict]) -> dict:
     return tensors
 
 
+def _torch_dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def _save_in_stored_dtypes(pipe, folder: Path, stored: StoredFormat) -> None:
+    """``save_pretrained`` with every component in the dtype its input files had and the input's file
+    variant. A component computing in another dtype (float32 on the CPU for a float16 model) is cast for the
+    save and cast back, so the model in memory is the one on disk."""
+    import torch
+
+    recast = []
+    for name, dtype_name in stored.dtypes.items():
+        module = pipe.components.get(name)
+        dtype = _torch_dtype(dtype_name)
+        if isinstance(module, torch.nn.Module) and getattr(module, "dtype", dtype) != dtype:
+            recast.append((module, module.dtype))
+            module.to(dtype)
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True, variant=stored.variant)
+    finally:
+        for module, dtype in recast:
+            module.to(dtype)
+
+
 def _fsync_tree(root: Path) -> None:
     for p in root.rglob("*"):
         if p.is_file():
@@ -215,10 +370,14 @@ def write_pipeline_atomically(pipe, out_dir: Path, *, originals: dict | None, re
     except OSError as exc:
         raise ModelError(f"cannot write the output folder: {exc.strerror}", file=str(out_dir.parent), field="output.dir",
                          fix="choose a writable folder with free space") from None
+    stored = getattr(pipe, "_safeguard_stored", None) or StoredFormat({})
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        _save_in_stored_dtypes(pipe, tmp, stored)
         if originals is not None:
-            tensors = {f"{denoiser_name}/{k}": v.detach().cpu().contiguous() for k, v in originals.items()}
+            # The originals came from the input files, so their stored dtype holds them exactly.
+            keep = _torch_dtype(stored.dtypes.get(denoiser_name))
+            tensors = {f"{denoiser_name}/{k}": (v.detach().cpu().to(keep) if keep is not None and v.is_floating_point()
+                                                else v.detach().cpu()).contiguous() for k, v in originals.items()}
             save_file(tensors, tmp / EDIT_TENSORS, metadata={"denoiser": denoiser_name})
         if bases:
             save_file(_bases_tensors(bases), tmp / EDIT_BASES, metadata={"denoiser": denoiser_name})

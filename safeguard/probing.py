@@ -73,9 +73,15 @@ class ProbeContext:
 
 
 def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[list]:
-    """Images for every case and seed, batched; per-image generators make original and edited comparable."""
+    """Images for every case and seed, batched; per-image generators make original and edited comparable.
+
+    Generators live on the CPU whatever device the pipeline runs on, so a seed starts from the same latent
+    on every device."""
     import torch
 
+    from .runtime import execution_device
+
+    device = execution_device(pipe)
     out: list[list] = [[] for _ in cases]
     jobs = [(i, s) for i, c in enumerate(cases) for s in seeds]
     text_jobs = [j for j in jobs if cases[j[0]].prompt_embeds is None]
@@ -85,15 +91,15 @@ def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[lis
         chunk = text_jobs[start:start + settings.batch_size]
         images = pipe(prompt=[cases[i].prompt for i, _ in chunk], num_inference_steps=settings.steps,
                       guidance_scale=settings.guidance_scale,
-                      generator=[torch.Generator().manual_seed(s) for _, s in chunk]).images
+                      generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]).images
         results.update(zip(chunk, images))
     if embed_jobs:
-        negative = _empty_prompt_embeds(pipe)
+        negative, _ = pipe.encode_prompt("", device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         for i, s in embed_jobs:
-            embeds = cases[i].prompt_embeds.to(pipe.dtype if hasattr(pipe, "dtype") else torch.float32)
+            embeds = cases[i].prompt_embeds.to(device, pipe.dtype if hasattr(pipe, "dtype") else torch.float32)
             image = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative.expand_as(embeds).to(embeds.dtype),
                          num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                         generator=torch.Generator().manual_seed(s)).images[0]
+                         generator=torch.Generator(device="cpu").manual_seed(s)).images[0]
             results[(i, s)] = image
     for (i, s) in jobs:
         out[i].append(results[(i, s)])
