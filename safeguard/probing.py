@@ -106,11 +106,6 @@ def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[lis
     return out
 
 
-def _empty_prompt_embeds(pipe):
-    embeds, _ = pipe.encode_prompt("", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
-    return embeds
-
-
 def _png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False)
