@@ -48,7 +48,7 @@ def parse_budget(spec: str) -> tuple[str, dict]:
 def describe(attack: str, settings) -> str:
     if attack == "ring_a_bell":
         return (f"pop {settings.ring_a_bell_population} x gen {settings.ring_a_bell_generations}, "
-                f"len {settings.ring_a_bell_length}")
+                f"len {settings.ring_a_bell_length}, eta {settings.ring_a_bell_eta:g}")
     return f"{settings.uda_iterations} it, {settings.uda_tokens} tok, lr {settings.uda_lr:g}"
 
 
@@ -93,7 +93,11 @@ def main() -> None:
 
     print(f"model {policy.model.source}; edited: {args.edited or '-'}; render seeds {seeds[0]}-{seeds[-1]}, "
           f"{policy.probes.steps} steps, guidance {policy.probes.guidance_scale}")
-    header = f"{'concept':<15} {'attack':<17} {'budget':<30} {'seed':>5} {'power':>11} {'success':>11} {'attack s':>9}  prompt"
+    for concept in concepts:
+        anchors = concept.expanded_forget_anchors()
+        print(f"{concept.name}: {len(anchors)} forget anchors ({anchors[0]!r}, ...); banned words "
+              f"{sorted({w.lower() for n in (concept.name, *concept.aliases) for w in n.split() if len(w) > 2})}")
+    header = f"{'concept':<15} {'attack':<17} {'budget':<38} {'seed':>5} {'power':>11} {'success':>11} {'attack s':>9}  prompt"
     print(header)
     summary: dict = {}
     for attack, overrides in budgets:
@@ -113,16 +117,16 @@ def main() -> None:
                 row["seconds"].append(seconds)
                 if success is not None:
                     row["success"].append(success)
-                print(f"{concept.name:<15} {attack:<17} {budget:<30} {attack_seed:>5} "
+                print(f"{concept.name:<15} {attack:<17} {budget:<38} {attack_seed:>5} "
                       f"{power[0]:>3}/{power[1]:<3} {power[0] / power[1]:.2f} "
                       + (f"{success[0]:>3}/{success[1]:<3} {success[0] / success[1]:.2f}" if success is not None else f"{'-':>11}")
                       + f" {seconds:>9.1f}  {case.prompt}", flush=True)
 
     print()
-    print(f"{'concept':<15} {'attack':<17} {'budget':<30} {'power (all seeds)':>19} {'success':>15} {'median s':>9}")
+    print(f"{'concept':<15} {'attack':<17} {'budget':<38} {'power (all seeds)':>19} {'success':>15} {'median s':>9}")
     for (name, attack, budget), row in summary.items():
         hits, n = sum(h for h, _ in row["power"]), sum(k for _, k in row["power"])
-        line = f"{name:<15} {attack:<17} {budget:<30} {hits:>7}/{n:<4} = {hits / n:.2f}"
+        line = f"{name:<15} {attack:<17} {budget:<38} {hits:>7}/{n:<4} = {hits / n:.2f}"
         if row["success"]:
             s_hits, s_n = sum(h for h, _ in row["success"]), sum(k for _, k in row["success"])
             line += f" {s_hits:>5}/{s_n:<4} = {s_hits / s_n:.2f}"

@@ -173,10 +173,10 @@ class ProbeSettings(_Strict):
     ring_a_bell_generations: int = Field(100, ge=0, le=100000, description="Ring-A-Bell: generations of the genetic search")
     ring_a_bell_length: int = Field(16, ge=1, le=512, description="Ring-A-Bell: tokens per prompt (at most what the "
                                                                   "text encoder takes)")
-    ring_a_bell_eta: float = Field(3.0, gt=0, le=100, description="Ring-A-Bell: strength of the concept vector in the target")
+    ring_a_bell_eta: float = Field(5.0, gt=0, le=100, description="Ring-A-Bell: strength of the concept vector in the target")
     uda_iterations: int = Field(40, ge=0, le=100000, description="UnlearnDiffAtk: optimisation iterations")
     uda_tokens: int = Field(5, ge=1, le=64, description="UnlearnDiffAtk: prefix tokens before the concept prompt")
-    uda_lr: float = Field(1.0, gt=0, le=100, description="UnlearnDiffAtk: Adam step, in units of the RMS of the "
+    uda_lr: float = Field(3.0, gt=0, le=100, description="UnlearnDiffAtk: Adam step, in units of the RMS of the "
                                                          "token embeddings")
 
 
