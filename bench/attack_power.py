@@ -64,7 +64,7 @@ def hit_rate(pipe, judge, case, seeds, settings) -> tuple[int, int]:
 def main() -> None:
     import torch
 
-    from safeguard.builtin.probes import RingABellProbe, UnlearnDiffAtkProbe
+    from safeguard.builtin.probes import RingABellProbe, UnlearnDiffAtkProbe, _banned_words
     from safeguard.modelio import load_pipeline
     from safeguard.policy import LoadedPolicy, load_policy
     from safeguard.probing import ProbeContext
@@ -95,8 +95,7 @@ def main() -> None:
           f"{policy.probes.steps} steps, guidance {policy.probes.guidance_scale}")
     for concept in concepts:
         anchors = concept.expanded_forget_anchors()
-        print(f"{concept.name}: {len(anchors)} forget anchors ({anchors[0]!r}, ...); banned words "
-              f"{sorted({w.lower() for n in (concept.name, *concept.aliases) for w in n.split() if len(w) > 2})}")
+        print(f"{concept.name}: {len(anchors)} forget anchors ({anchors[0]!r}, ...); banned words {_banned_words(concept)}")
     header = f"{'concept':<15} {'attack':<17} {'budget':<38} {'seed':>5} {'power':>11} {'success':>11} {'attack s':>9}  prompt"
     print(header)
     summary: dict = {}

@@ -76,8 +76,12 @@ class KeepProbe:
 
 
 def _banned_words(concept) -> list[str]:
-    """Words of the concept's name and aliases (3+ letters): no attack token may contain one."""
-    return sorted({w.lower() for n in (concept.name, *concept.aliases) for w in n.split() if len(w) > 2})
+    """Words (3+ letters) no attack token may contain: the concept's name and aliases, so the attack never
+    simply asks for it, and the names of the neighbours the policy keeps. A prompt that names a kept
+    neighbour draws that neighbour, on the original model too; without them Ring-A-Bell's Pikachu search
+    drifted to "mickey" and "luigi" in some seeds and lost its power there."""
+    names = (concept.name, *concept.aliases, *concept.neighbours)
+    return sorted({w.lower() for n in names for w in n.split() if len(w) > 2})
 
 
 def _neutral_pairs(concept) -> tuple[list[str], list[str]]:
