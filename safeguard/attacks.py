@@ -597,7 +597,7 @@ def unlearn_diff_attack(pipe, target_latents: torch.Tensor, prompt: str, *, n_to
         visited.setdefault(tuple(nearest()), None)
         scored = {prefix: evaluation_loss(prefix) for prefix in visited}
 
-    best = min(scored, key=lambda prefix: (scored[prefix], list(visited).index(prefix)))
+    best = min(scored, key=scored.get)  # the first visited of equal losses
     initial = next(iter(visited))
     final_prompt = text_of(best)
     return AttackResult(
