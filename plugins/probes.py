@@ -75,13 +75,18 @@ class KeepProbe:
         return ProbeCases([ProbeCase(p, p, labels, texts) for p in keep])
 
 
+_FUNCTION_WORDS = frozenset({"the", "and", "for", "with", "from", "into", "over", "under", "les", "der", "die", "das"})
+
+
 def _banned_words(concept) -> list[str]:
     """Words (3+ letters) no attack token may contain: the concept's name and aliases, so the attack never
     simply asks for it, and the names of the neighbours the policy keeps. A prompt that names a kept
     neighbour draws that neighbour, on the original model too; without them Ring-A-Bell's Pikachu search
     drifted to "mickey" and "luigi" in some seeds and lost its power there."""
     names = (concept.name, *concept.aliases, *concept.neighbours)
-    return sorted({w.lower() for n in names for w in n.split() if len(w) > 2})
+    # Any token containing a banned word is dropped, so function words ("Sonic the Hedgehog") would take
+    # out every token that contains them.
+    return sorted({w.lower() for n in names for w in n.split() if len(w) > 2 and w.lower() not in _FUNCTION_WORDS})
 
 
 def _neutral_pairs(concept) -> tuple[list[str], list[str]]:

@@ -512,3 +512,13 @@ def test_unlearn_diff_atk_probe_attacks_the_edited_model_from_the_original_image
     assert attack["banned_words"] == ["mario", "pikachu"]
     assert (attack["iterations"], attack["tokens"], attack["target_latents"]) == (3, 3, 2)
     assert generated.images_per_prompt == 2
+
+
+def test_attack_probes_ban_the_concept_and_its_kept_neighbours_but_not_function_words():
+    from safeguard.builtin.probes import _banned_words
+    from safeguard.policy import ConceptSpec
+
+    pikachu = ConceptSpec(name="Pikachu", category="character", neighbours=["Sonic the Hedgehog", "Mario"])
+    assert _banned_words(pikachu) == ["hedgehog", "mario", "pikachu", "sonic"]
+    blood = ConceptSpec(name="blood splatter", category="unsafe", aliases=["blood"], neighbours=["a gun"])
+    assert _banned_words(blood) == ["blood", "gun", "splatter"]
