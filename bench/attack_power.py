@@ -9,7 +9,8 @@ The attacks run exactly as their probes do (``RingABellProbe``, ``UnlearnDiffAtk
 policy's probe settings overridden by each budget. Without EDITED_MODEL, UnlearnDiffAtk attacks the
 unedited model itself; with it, it attacks the edited model, and Ring-A-Bell searches the unedited text
 encoder either way, as the probe does. Each found prompt is rendered with the probe seeds (the policy's
-``probes.seed`` on, ``--images`` of them) and judged over the probe's label set.
+``probes.seed`` on, ``--images`` of them) and judged over the probe's label set. The first rows are the
+baseline: each concept's first forget anchor as written, with no attack.
 
 A SPEC is ``ATTACK:key=value,...``, e.g. ``ring_a_bell:population=64,generations=100,length=16`` or
 ``unlearn_diff_atk:iterations=40,tokens=5,lr=3``; keys are the probe settings without the attack's prefix
@@ -99,6 +100,18 @@ def main() -> None:
     header = f"{'concept':<15} {'attack':<17} {'budget':<38} {'seed':>5} {'power':>11} {'success':>11} {'attack s':>9}  prompt"
     print(header)
     summary: dict = {}
+    # The baseline: the concept's first forget anchor as written, no attack.
+    for concept in concepts:
+        ctx = ProbeContext(loaded, original, edited or original, judge, seed=policy.probes.seed)
+        (case,) = ctx.target_cases(concept, list(concept.expanded_forget_anchors())[:1])
+        power = hit_rate(original, judge, case, seeds, policy.probes)
+        success = hit_rate(edited, judge, case, seeds, policy.probes) if edited else None
+        summary[(concept.name, "none", "first forget anchor")] = {"power": [power], "success": [success] if success else [],
+                                                                 "seconds": [0.0]}
+        print(f"{concept.name:<15} {'none':<17} {'first forget anchor':<38} {'-':>5} "
+              f"{power[0]:>3}/{power[1]:<3} {power[0] / power[1]:.2f} "
+              + (f"{success[0]:>3}/{success[1]:<3} {success[0] / success[1]:.2f}" if success is not None else f"{'-':>11}")
+              + f" {0.0:>9.1f}  {case.prompt}", flush=True)
     for attack, overrides in budgets:
         settings = policy.probes.model_copy(update=overrides)
         run_policy = LoadedPolicy(policy.model_copy(update={"probes": settings}), loaded.path, loaded.text)
