@@ -128,14 +128,15 @@ def validate(policy_file):
 @DB_OPTION
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; load and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.ckpt) weights. They can run code when loaded.")
-def apply(policy_file, out_dir, db_url, dry_run, allow_pickle):
+@click.option("--lora", is_flag=True, default=None, help="Also write the edit as a LoRA adapter in OUT/lora (output.lora).")
+def apply(policy_file, out_dir, db_url, dry_run, allow_pickle, lora):
     """Erase the policy's banned concepts and write the edited model."""
     from .engine import apply_policy
     from .policy import load_policy
 
     loaded = load_policy(policy_file)
     outcome = apply_policy(loaded, out_dir=out_dir, db_url=db_url, dry_run=dry_run, allow_pickle=allow_pickle,
-                           echo=lambda m: click.echo(m, err=True))
+                           lora=lora, echo=lambda m: click.echo(m, err=True))
     if dry_run:
         plan = outcome.plan
         click.echo(f"dry run: would erase {', '.join(c.name for c in plan.request.concepts)} with {plan.eraser_cls.name} "
@@ -328,7 +329,8 @@ def audit_group():
 @click.option("-o", "--report", "report_path", type=click.Path(dir_okay=False), default=None, help="HTML report path.")
 @click.option("--blur-unsafe", is_flag=True)
 @click.option("--junit", type=click.Path(dir_okay=False), default=None)
-def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit):
+@click.option("--lora", is_flag=True, default=None, help="Also write the edit as a LoRA adapter in OUT/lora (output.lora).")
+def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit, lora):
     """Apply POLICY_FILE, probe the result, write the report and exit with the gate's code."""
     from .db import open_db
     from .engine import apply_policy
@@ -338,7 +340,7 @@ def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit):
 
     loaded = load_policy(policy_file)
     err = lambda m: click.echo(m, err=True)  # noqa: E731
-    outcome = apply_policy(loaded, out_dir=out_dir, db_url=db_url, echo=err)
+    outcome = apply_policy(loaded, out_dir=out_dir, db_url=db_url, lora=lora, echo=err)
     _print_apply_summary(outcome)
     db = open_db(db_url)
     probed = probe(db, outcome.run_id, echo=err)

@@ -34,6 +34,18 @@ def _neighbour_prompts(loaded: LoadedPolicy, concept) -> list[str]:
     return [p for n in concept.neighbours for p in concept.neighbour_prompts(n)]
 
 
+def _write_lora(pipe, name: str, result, folder: Path, run_id: str, loaded: LoadedPolicy, echo) -> dict:
+    """The edit as a LoRA adapter in ``folder/lora``; returns the edit record's ``lora`` entry."""
+    from . import lora
+
+    adapter = lora.edit_adapter(getattr(pipe, name), result.originals, name, edit_bases(result.artefacts))
+    summary = lora.write_adapter(adapter, folder / lora.LORA_DIR,
+                                 metadata={"safeguard_run": run_id, "policy_sha256": loaded.sha256})
+    echo(f"LoRA adapter: {summary['modules']} projections, rank {summary['max_rank']} at most, "
+         f"{summary['bytes'] / 1e6:.2f} MB in {lora.LORA_DIR}/")
+    return {"lora": summary}
+
+
 def make_plan(loaded: LoadedPolicy, out_dir: str | None = None) -> Plan:
     """Everything `apply` will do, checked before any model is loaded."""
     from .plugins import get_erasers
@@ -60,7 +72,9 @@ def make_plan(loaded: LoadedPolicy, out_dir: str | None = None) -> Plan:
 
 
 def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: str | None = None,
-                 dry_run: bool = False, allow_pickle: bool = False, echo=print) -> ApplyOutcome:
+                 dry_run: bool = False, allow_pickle: bool = False, lora: bool | None = None, echo=print) -> ApplyOutcome:
+    """Apply the policy's edit and write the edited model; ``lora`` (default: ``output.lora``) also writes it
+    as a LoRA adapter in ``<output>/lora``."""
     from . import modelio
     from .db import open_db
     from .provenance import actor, argv, package_versions
@@ -91,6 +105,11 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
             input_files, input_model_id = None, db.record_model(source, policy.model.revision, "input", [], None)
         pipe = modelio.load_pipeline(source, policy.model.revision, allow_pickle or policy.model.allow_pickle)
         crash_point("apply:after-load")
+        want_lora = policy.output.lora if lora is None else lora
+        if want_lora:
+            from . import lora as lora_export
+
+            lora_export.check_exportable(pipe)
         echo(f"loaded {policy.model.source} in {time.perf_counter() - t0:.1f}s; erasing {len(plan.request.concepts)} concept(s) with {plan.eraser_cls.name}")
         result = plan.eraser_cls().erase(pipe, plan.request, plan.params)
         crash_point("apply:after-edit")
@@ -103,8 +122,13 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
                   "eraser_version": plan.eraser_cls.version, "eraser_params": plan.params.model_dump(mode="json"),
                   "source": str(policy.model.source), "concepts": [c.name for c in plan.request.concepts],
                   "edited_modules": [layer.module for layer in result.layers], "lineage": lineage}
+        extra_outputs = []
+        if want_lora:
+            extra_outputs.append(lambda folder: _write_lora(pipe, name, result, folder, run_id, loaded, echo))
         modelio.write_pipeline_atomically(pipe, plan.out_dir, originals=result.originals, record=record, denoiser_name=name,
-                                          bases=edit_bases(result.artefacts))
+                                          bases=edit_bases(result.artefacts), extra_outputs=extra_outputs)
+        if "lora" in record:
+            result.stats["lora"] = record["lora"]  # in the run's stats, so the audit trail holds it
         crash_point("apply:after-rename")
         output_files = modelio.hash_model_folder(plan.out_dir)
         with db.session() as s:
@@ -119,3 +143,4 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
     except BaseException as exc:
         db.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
+

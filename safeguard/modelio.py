@@ -349,11 +349,15 @@ def _fsync_tree(root: Path) -> None:
 
 
 def write_pipeline_atomically(pipe, out_dir: Path, *, originals: dict | None, record: dict | None,
-                              denoiser_name: str, bases: dict[str, dict] | None = None) -> Path:
+                              denoiser_name: str, bases: dict[str, dict] | None = None, extra_outputs=None) -> Path:
     """Save ``pipe`` (safetensors) plus the edit file to ``out_dir``, replacing an earlier safeguard output.
 
     ``bases`` (``{layer path: {kind: Tensor}}``, see :func:`read_edit_bases`) are written beside the model as
     ``safeguard_bases.safetensors`` in the same folder, so they are hashed with the model files.
+
+    ``extra_outputs`` (callables taking the folder being written) add further files to it (a LoRA adapter, a
+    single-file checkpoint, the model card) before it is renamed into place; each returns a dict merged into
+    ``record``, or None.
 
     The folder appears at ``out_dir`` only once complete; a folder there that safeguard did not write is
     never deleted.
@@ -381,6 +385,10 @@ def write_pipeline_atomically(pipe, out_dir: Path, *, originals: dict | None, re
             save_file(tensors, tmp / EDIT_TENSORS, metadata={"denoiser": denoiser_name})
         if bases:
             save_file(_bases_tensors(bases), tmp / EDIT_BASES, metadata={"denoiser": denoiser_name})
+        for write_extra in extra_outputs or ():
+            added = write_extra(tmp)
+            if added and record is not None:
+                record.update(added)
         if record is not None:
             (tmp / EDIT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         _fsync_tree(tmp)

@@ -226,6 +226,8 @@ class GateSpec(_Strict):
 class OutputSpec(_Strict):
     dir: str = "out/edited-model"
     evidence_dir: str | None = None
+    lora: bool = Field(False, description="also write the edit as a LoRA adapter (dir/lora/pytorch_lora_weights.safetensors) "
+                                          "that diffusers' load_lora_weights applies to the original model")
 
 
 class Policy(_Strict):
