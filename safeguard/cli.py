@@ -297,7 +297,7 @@ def gate_cmd(run_id, db_url, junit):
     from .evidence import gate
 
     db = open_db(db_url)
-    decision, run = gate(db, run_id)
+    decision, run = gate(db, run_id, echo=lambda m: click.echo(m, err=True))
     click.echo(decision.line())
     for reason in decision.reasons:
         click.echo(f"  - {reason}")
@@ -344,7 +344,7 @@ def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit, lor
     _print_apply_summary(outcome)
     db = open_db(db_url)
     probed = probe(db, outcome.run_id, echo=err)
-    decision, run = gate(db, probed.run_id)
+    decision, run = gate(db, probed.run_id, echo=err)
     data = report_data(db, probed.run_id)
     path = Path(report_path or Path(loaded.policy.output.dir).parent / f"report-{loaded.policy.name}.html")
     if not path.is_absolute() and report_path is None:

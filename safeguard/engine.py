@@ -122,9 +122,14 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
                   "eraser_version": plan.eraser_cls.version, "eraser_params": plan.params.model_dump(mode="json"),
                   "source": str(policy.model.source), "concepts": [c.name for c in plan.request.concepts],
                   "edited_modules": [layer.module for layer in result.layers], "lineage": lineage}
+        from . import modelcard
+
+        record["base_model"] = modelcard.base_model_info(str(policy.model.source), source if isinstance(source, Path) else None)
         extra_outputs = []
         if want_lora:
             extra_outputs.append(lambda folder: _write_lora(pipe, name, result, folder, run_id, loaded, echo))
+        # Last, so it describes every other output; "not yet probed" until a gate records a verdict.
+        extra_outputs.append(lambda folder: modelcard.write_card(folder, modelcard.card_text(record, policy)) and None)
         modelio.write_pipeline_atomically(pipe, plan.out_dir, originals=result.originals, record=record, denoiser_name=name,
                                           bases=edit_bases(result.artefacts), extra_outputs=extra_outputs)
         if "lora" in record:

@@ -189,8 +189,10 @@ def _latest_probe_run(db, run_id: str) -> dict:
     return run
 
 
-def gate(db, run_id: str) -> tuple[GateDecision, dict]:
-    """Verdict for a probe run (or the latest probe run of an apply run); recorded in the database."""
+def gate(db, run_id: str, echo=None) -> tuple[GateDecision, dict]:
+    """Verdict for a probe run (or the latest probe run of an apply run); recorded in the database and in the
+    edited model's card (``README.md``), when the output folder still holds this run's edit. ``echo`` hears
+    why a card could not be written."""
     from .probing import verify_model_files
 
     run = _latest_probe_run(db, run_id)
@@ -209,7 +211,21 @@ def gate(db, run_id: str) -> tuple[GateDecision, dict]:
     if run["status"] != "done":
         decision.reasons.insert(0, f"probe run {run['id']} is {run['status']}")
     db.add_gate_decision(run["id"], decision.verdict, int(decision.exit_code), decision.reasons)
+    _record_verdict_in_card(db, apply_run, policy, decision, run["id"], echo)
     return decision, run
+
+
+def _record_verdict_in_card(db, apply_run: dict, policy, decision: GateDecision, probe_run_id: str, echo) -> None:
+    from .modelcard import record_verdict
+
+    for m in db.run_models(apply_run["id"]):
+        if m["role"] != "output" or not Path(m["path"]).is_dir():
+            continue
+        try:
+            record_verdict(Path(m["path"]), apply_run["id"], policy, decision, probe_run_id)
+        except OSError as exc:
+            if echo is not None:
+                echo(f"the model card was not updated ({exc.strerror or exc}): {Path(m['path']) / 'README.md'}")
 
 
 def report_data(db, run_id: str) -> dict:

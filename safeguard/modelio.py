@@ -21,6 +21,7 @@ from .faults import crash_point
 EDIT_TENSORS = "safeguard_edit.safetensors"  # original values of every tensor an edit changed
 EDIT_RECORD = "safeguard_edit.json"  # what was done, by which run, and the model's lineage
 EDIT_BASES = "safeguard_bases.safetensors"  # per-layer bases a projection eraser used (forget, retain, forget_only)
+MODEL_CARD = "README.md"  # documentation rebuilt from the audit trail (safeguard.modelcard): not hashed
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 EMBEDDED_PREFIX = "embedded:"
 
@@ -42,10 +43,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def hash_model_folder(root: Path) -> ModelFiles:
+    """Hidden files and the model card at the top (``README.md``, rewritten when a verdict is recorded) are
+    not model content and are left out."""
     root = Path(root)
     files = []
     for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
+        if p.is_file() and not p.name.startswith(".") and p.relative_to(root).as_posix() != MODEL_CARD:
             files.append({"path": p.relative_to(root).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size})
     tree = hashlib.sha256("\n".join(f"{f['path']} {f['sha256']}" for f in files).encode()).hexdigest()
     return ModelFiles(root, files, tree)

@@ -498,7 +498,7 @@ def _target_probe_names() -> list[str]:
 
 def verify_model_files(db, model_row: dict, field: str) -> None:
     """Fail unless every audited file of a model is on disk with the audited sha256."""
-    from .modelio import hash_model_folder
+    from .modelio import MODEL_CARD, hash_model_folder
 
     root = Path(model_row["path"])
     if not model_row.get("files"):
@@ -507,6 +507,8 @@ def verify_model_files(db, model_row: dict, field: str) -> None:
         raise ModelError("the audited model folder is gone", file=str(root), field=field, fix="restore it or re-run apply")
     current = {f["path"]: f["sha256"] for f in hash_model_folder(root).files}
     for f in model_row["files"]:
+        if f["path"] == MODEL_CARD:
+            continue  # recorded before model cards were left out of the hash; documentation, not weights
         if current.get(f["path"]) != f["sha256"]:
             raise ModelError(f"file {f['path']} differs from the audited model (sha256 {str(current.get(f['path']))[:12]} != {f['sha256'][:12]})",
                              file=str(root), field=field, fix="the model changed after it was audited: re-run apply and probe")
