@@ -94,7 +94,7 @@ def main() -> None:
         started = time.perf_counter()
         if name != "none":
             eraser = erasers[name]
-            eraser.erase(pipe, plan.request, eraser.Params.model_validate(params))
+            eraser().erase(pipe, plan.request, eraser.Params.model_validate(params))
         seconds = time.perf_counter() - started
         rates = measure(pipe, judge, plan.request)
         neighbours = min(rates[c.name]["neighbours"] for c in plan.request.concepts)

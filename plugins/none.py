@@ -5,19 +5,18 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from safeguard import hookimpl
+from safeguard.contracts import EraseRequest, EraseResult
 
 
 class NoEditEraser:
+    """Leaves the pipeline as it is."""
     name = "none"
     version = "1"
-    kind = "weights"
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def erase(self, pipe, request, params):
-        from safeguard.erasers import EraseResult
-
+    def erase(self, pipe, request: EraseRequest, params: Params) -> EraseResult:
         return EraseResult(layers=[], originals={}, stats={"seconds": 0.0, "note": "no edit"})
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeguard import hookimpl
-from safeguard.erasers import BASIS_KINDS, EraseRequest, EraseResult, LayerEdit, replace_weight
+from safeguard.erasers import BASIS_KINDS, EraseRequest, EraseResult, LayerEdit, replace_weight, validated_params
 
 
 class PureParams(BaseModel):
@@ -260,17 +260,14 @@ class PureEraser:
 
     name = "pure"
     version = "1.1.0"
-    kind = "weights"
     Params = PureParams
 
-    @classmethod
-    def erase(cls, pipe, request: EraseRequest, params: PureParams | dict | None = None) -> EraseResult:
+    def erase(self, pipe, request: EraseRequest, params: PureParams | dict | None = None) -> EraseResult:
         import torch
 
         from safeguard.attention import cross_attention_modules, denoiser_of
 
-        if not isinstance(params, PureParams):
-            params = PureParams.model_validate(params or {})
+        params = validated_params(self, params)
         started = time.perf_counter()
 
         forget_prompts = list(dict.fromkeys(p for c in request.concepts for p in c.forget_prompts))

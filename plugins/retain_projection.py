@@ -33,7 +33,7 @@ from safeguard.builtin.pure import (
     project_layer,
     subspace_basis,
 )
-from safeguard.erasers import EraseRequest, EraseResult, LayerEdit
+from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, validated_params
 
 
 class RetainProjectionParams(BaseModel):
@@ -54,17 +54,14 @@ class RetainProjectionEraser:
 
     name = "retain_projection"
     version = "1.0.0"
-    kind = "weights"
     Params = RetainProjectionParams
 
-    @classmethod
-    def erase(cls, pipe, request: EraseRequest, params: RetainProjectionParams | dict | None = None) -> EraseResult:
+    def erase(self, pipe, request: EraseRequest, params: RetainProjectionParams | dict | None = None) -> EraseResult:
         import torch
 
         from safeguard.attention import cross_attention_modules, denoiser_of
 
-        if not isinstance(params, RetainProjectionParams):
-            params = RetainProjectionParams.model_validate(params or {})
+        params = validated_params(self, params)
         started = time.perf_counter()
 
         forget_prompts = list(dict.fromkeys(p for c in request.concepts for p in c.forget_prompts))

@@ -50,7 +50,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeguard import hookimpl
-from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, replace_weight
+from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, replace_weight, validated_params
 
 STYLE_GUIDE = "art"  # the reference's guide for artistic styles
 DEFAULT_GUIDE = " "  # the reference's guide otherwise (and what it makes of an empty guide)
@@ -191,17 +191,14 @@ class UceEraser:
 
     name = "uce"
     version = "2.0.0"
-    kind = "weights"
     Params = UceParams
 
-    @classmethod
-    def erase(cls, pipe, request: EraseRequest, params: UceParams | dict | None = None) -> EraseResult:
+    def erase(self, pipe, request: EraseRequest, params: UceParams | dict | None = None) -> EraseResult:
         import torch
 
         from safeguard.attention import cross_attention_context, cross_attention_modules, denoiser_of
 
-        if not isinstance(params, UceParams):
-            params = UceParams.model_validate(params or {})
+        params = validated_params(self, params)
         started = time.perf_counter()
 
         denoiser = denoiser_of(pipe)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__, runtime
-from .errors import SafeguardError
+from .errors import PluginError, SafeguardError
 
 DB_OPTION = click.option("--db", "db_url", envvar="SAFEGUARD_DB", show_envvar=True, default=None,
                          help="SQLAlchemy URL of the audit database [default: sqlite:///.safeguard/audit.db].")
@@ -79,6 +79,8 @@ class _Command(click.Command):
             with runtime.library_warnings():
                 return super().invoke(ctx)
         except SafeguardError as exc:
+            if runtime.current().debug and isinstance(exc, PluginError) and exc.__cause__ is not None:
+                raise
             _fail(exc)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
@@ -93,13 +95,26 @@ class _Group(click.Group):
     group_class = type
 
 
+class _RootGroup(_Group):
+    """The ``safeguard`` group: a plugin that failed to load is reported here, as one line (exit 1), once the
+    global options are parsed (--debug: the traceback)."""
+    plugin_error: PluginError | None = None
+
+    def invoke(self, ctx):
+        if self.plugin_error is not None:
+            if runtime.current().debug:
+                raise self.plugin_error
+            _fail(self.plugin_error)
+        return super().invoke(ctx)
+
+
 def _with_global_options(group: click.Group) -> click.Group:
     group.params.extend(_global_options(command=False))
     return group
 
 
 @_with_global_options
-@click.group(cls=_Group)
+@click.group(cls=_RootGroup)
 @click.version_option(__version__, "--version", prog_name="safeguard")
 def cli():
     """Erase banned concepts from text-to-image models, prove it, record it and gate releases on it."""
@@ -430,9 +445,12 @@ def audit_export(run_id, db_url, out_dir, key_file):
 
 
 def _register_plugin_commands():
-    from .plugins import load_plugins
+    from .plugins import call_hook
 
-    load_plugins().hook.register_commands(cli=cli)
+    try:
+        call_hook("register_commands", cli=cli)
+    except PluginError as exc:
+        cli.plugin_error = exc
 
 
 _register_plugin_commands()

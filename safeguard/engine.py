@@ -111,7 +111,7 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
 
             lora_export.check_exportable(pipe)
         echo(f"loaded {policy.model.source} in {time.perf_counter() - t0:.1f}s; erasing {len(plan.request.concepts)} concept(s) with {plan.eraser_cls.name}")
-        result = plan.eraser_cls().erase(pipe, plan.request, plan.params)
+        result = erase_with_plugin(plan, pipe)
         crash_point("apply:after-edit")
         name = modelio.denoiser_name(pipe)
         lineage = list((parent_record or {}).get("lineage", []))
@@ -148,4 +148,15 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
     except BaseException as exc:
         db.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
+
+
+def erase_with_plugin(plan: Plan, pipe):
+    """Run the plan's eraser on ``pipe``; an unexpected error inside it is reported naming the plugin."""
+    from . import runtime
+    from .plugins import registered_by
+
+    plugin = registered_by(plan.eraser_cls) or plan.eraser_cls.__module__
+    with runtime.phase(f"the {plan.eraser_cls.name!r} eraser (plugin {plugin})",
+                       fix=f"run again with --debug for the traceback, and report it to the authors of {plugin}"):
+        return plan.eraser_cls().erase(pipe, plan.request, plan.params)
 

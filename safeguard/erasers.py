@@ -1,56 +1,16 @@
-"""What an eraser plugin receives and returns.
+"""Helpers for eraser plugins: writing an edited weight with its original kept, and the bases saved with an edit.
 
-An eraser is a class with ``name``, ``version``, ``kind`` ("weights": edits persist in the saved model),
-a pydantic ``Params`` model (validated against the policy's ``eraser.params``) and
-``erase(pipe, request, params) -> EraseResult``, which edits ``pipe`` in place.
+The eraser contract itself (``Eraser``, ``EraseRequest``, ``EraseResult``, ...) is in :mod:`safeguard.contracts`;
+its types are importable from here too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+from .contracts import ConceptRequest, EraseRequest, EraseResult, LayerEdit
 
-@dataclass
-class ConceptRequest:
-    name: str
-    category: str
-    forget_prompts: list[str]  # anchors that express the concept
-    retain_prompts: list[str]  # the concept's neighbours, which must survive
-
-
-@dataclass
-class EraseRequest:
-    concepts: list[ConceptRequest]
-    keep_prompts: list[str]  # the policy's global keep list
-    seed: int = 0
-
-    @property
-    def all_retain_prompts(self) -> list[str]:
-        seen, out = set(), []
-        for p in [*self.keep_prompts, *(r for c in self.concepts for r in c.retain_prompts)]:
-            if p not in seen:
-                seen.add(p)
-                out.append(p)
-        return out
-
-
-@dataclass
-class LayerEdit:
-    """One edited attention module: statistics for the audit record."""
-    module: str  # dotted path inside the denoiser, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
-    stats: dict[str, Any] = field(default_factory=dict)  # ranks, variance kept, delta norms, rows, seconds
-
-
-@dataclass
-class EraseResult:
-    layers: list[LayerEdit]
-    # Original values of every tensor the edit changed, keyed by state-dict name inside the denoiser;
-    # written to the edit file so `safeguard revert` restores the model bit for bit.
-    originals: dict[str, Any]
-    stats: dict[str, Any] = field(default_factory=dict)  # whole-edit statistics (seconds, rows, per concept)
-    # Optional artefacts probes may reuse. Per-layer bases go under "<kind>_bases" for each kind of
-    # BASIS_KINDS ({layer path: Tensor[width, k]}); `apply` saves them with the model (see edit_bases).
-    artefacts: dict[str, Any] = field(default_factory=dict)
+__all__ = ["BASIS_KINDS", "ConceptRequest", "EraseRequest", "EraseResult", "LayerEdit", "edit_bases", "replace_weight",
+           "validated_params"]
 
 
 # The bases a projection eraser used, per layer: the forget basis V_F, the retain basis V_R and the
@@ -81,3 +41,10 @@ def replace_weight(projection, weight, *, key: str, originals: dict[str, Any], s
     original_norm = float(original.float().norm())
     stats[f"delta_norm_{short}"] = delta_norm
     stats[f"relative_delta_norm_{short}"] = delta_norm / original_norm if original_norm else 0.0
+
+
+def validated_params(eraser, params):
+    """``params`` as the eraser's ``Params`` model: validated from a dict (None: the defaults) or as given."""
+    if isinstance(params, eraser.Params):
+        return params
+    return eraser.Params.model_validate(params or {})

@@ -29,3 +29,7 @@ class ModelError(SafeguardError):
 
 class AuditError(SafeguardError):
     """The audit database cannot be used (newer schema, broken chain, missing run)."""
+
+
+class PluginError(SafeguardError):
+    """A plugin failed to import, does not meet its contract, or raised while registering."""

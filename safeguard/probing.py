@@ -15,61 +15,11 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .contracts import STYLE_GENERIC, ProbeCase, ProbeCases, ProbeContext  # noqa: F401  (re-exported)
 from .errors import ModelError
 from .faults import crash_point
-from .policy import LoadedPolicy, Policy
+from .policy import Policy
 from .stats import roc_auc
-
-STYLE_GENERIC = "plain"  # the label a style probe falls back to when no art style is recognised
-
-
-@dataclass
-class ProbeCase:
-    """One prompt (or attack embedding) to render with both models, and what the judge should look for."""
-    prompt: str  # shown in the report; for embeddings a description of them
-    expected: str  # the label that counts as a hit
-    labels: list[str]  # the judge's label set for this case (display names)
-    label_texts: list[str]  # the texts the judge embeds for those labels
-    prompt_embeds: object | None = None  # a [1, L, D] tensor for continuous attacks
-    # The sub-test the case belongs to: a probe that measures several things at once (collateral damage on
-    # every concept outside the policy) decides each group on its own; None is the probe's single group.
-    group: str | None = None
-    category: str | None = None  # the group's category, for the report
-
-
-@dataclass
-class ProbeCases:
-    cases: list[ProbeCase]
-    attack: dict | None = None  # budget, seed, prompt found, score: recorded with the result
-    images_per_prompt: int | None = None  # attacks find one or two prompts and render each with more seeds
-
-
-@dataclass
-class ProbeContext:
-    """What probe plugins may use: the policy, both pipelines and the judge."""
-    policy: LoadedPolicy
-    original: object
-    edited: object
-    judge: object
-    seed: int = 0
-
-    @property
-    def settings(self):
-        return self.policy.policy.probes
-
-    def concept_labels(self, concept) -> tuple[list[str], list[str]]:
-        """Label set for a concept: itself, its neighbours, and the generic fallback(s)."""
-        p: Policy = self.policy.policy
-        style = concept.category == "style"
-        others = [c.label for c in p.concepts if (c.category == "style") == style and c.label != concept.label]
-        extra = list(p.judge.extra_style_labels if style else p.judge.extra_labels)
-        generic = [STYLE_GENERIC] if style else list(p.judge.generic_labels)
-        labels = list(dict.fromkeys([concept.label, *concept.neighbours, *others, *extra, *generic]))
-        return labels, [self.judge.label_text(label, concept.category) for label in labels]
-
-    def target_cases(self, concept, prompts) -> list[ProbeCase]:
-        labels, texts = self.concept_labels(concept)
-        return [ProbeCase(p, concept.label, labels, texts) for p in prompts[: self.settings.max_prompts]]
 
 
 def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[list]:
@@ -498,14 +448,18 @@ def _target_probe_names() -> list[str]:
 
 def verify_model_files(db, model_row: dict, field: str) -> None:
     """Fail unless every audited file of a model is on disk with the audited sha256."""
-    from .modelio import MODEL_CARD, hash_model_folder
+    from .modelio import MODEL_CARD, hash_model_folder, sha256_file
 
     root = Path(model_row["path"])
     if not model_row.get("files"):
         return  # a hub model recorded by id only: nothing local to check
-    if not root.is_dir():
+    if root.is_file():  # a single-file checkpoint: its files are recorded relative to its folder
+        current = {f["path"]: sha256_file(root.parent / f["path"]) if (root.parent / f["path"]).is_file() else None
+                   for f in model_row["files"]}
+    elif not root.is_dir():
         raise ModelError("the audited model folder is gone", file=str(root), field=field, fix="restore it or re-run apply")
-    current = {f["path"]: f["sha256"] for f in hash_model_folder(root).files}
+    else:
+        current = {f["path"]: f["sha256"] for f in hash_model_folder(root).files}
     for f in model_row["files"]:
         if f["path"] == MODEL_CARD:
             continue  # recorded before model cards were left out of the hash; documentation, not weights

@@ -52,7 +52,7 @@ class CrashingJudge(_Judge):
 
 
 class ExplodingEraser:
-    name, version, kind = "exploding", "1", "weights"
+    name, version = "exploding", "1"
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -178,7 +178,7 @@ def test_pure_edit_on_tiny_sd1_erases_forget_only_directions_and_keeps_retain(ti
     H_F_before = capture_activations(pipe, FORGET, **CAPTURE)
     H_R_before = capture_activations(pipe, RETAIN, **CAPTURE)
 
-    result = PureEraser.erase(pipe, _request(), PureParams())
+    result = PureEraser().erase(pipe, _request(), PureParams())
 
     H_F_after = capture_activations(pipe, FORGET, **CAPTURE)
     H_R_after = capture_activations(pipe, RETAIN, **CAPTURE)
@@ -207,7 +207,7 @@ def test_pure_result_records_what_it_changed(tiny_pipe):
     layers = cross_attention_modules(denoiser)
     state_before = {name: tensor.clone() for name, tensor in denoiser.state_dict().items()}
 
-    result = PureEraser.erase(pipe, _request(keep=["a tree"]), {"steps": 2, "seeds": 1})
+    result = PureEraser().erase(pipe, _request(keep=["a tree"]), {"steps": 2, "seeds": 1})
 
     assert [edit.module for edit in result.layers] == list(layers)
     expected_names = {f"{path}.{proj}.weight" for path in layers for proj in ("to_k", "to_v")}
@@ -246,7 +246,7 @@ def test_pure_result_records_what_it_changed(tiny_pipe):
 def test_pure_edit_is_the_operator_applied_to_keys_values_and_biases(tiny_pipe, kind):
     pipe = tiny_pipe(kind)
     layers = cross_attention_modules(denoiser_of(pipe))
-    result = PureEraser.erase(pipe, _request(keep=["a tree"]), {"steps": 2, "seeds": 1})
+    result = PureEraser().erase(pipe, _request(keep=["a tree"]), {"steps": 2, "seeds": 1})
     for path, attn in layers.items():
         E = erasure_operator(result.artefacts["forget_bases"][path], result.artefacts["retain_bases"][path])
         for proj in ("to_k", "to_v"):
@@ -263,14 +263,14 @@ def test_pure_edit_is_the_operator_applied_to_keys_values_and_biases(tiny_pipe, 
 def test_pure_without_retain_prompts_projects_out_the_forget_subspace(tiny_pipe):
     pipe = tiny_pipe("sd1")
     request = EraseRequest(concepts=[ConceptRequest("pikachu", "character", FORGET[:3], [])], keep_prompts=[])
-    result = PureEraser.erase(pipe, request, {"steps": 2, "seeds": 1})
+    result = PureEraser().erase(pipe, request, {"steps": 2, "seeds": 1})
     for edit in result.layers:
         assert edit.stats["rank_retain"] == 0 and edit.stats["rows_retain"] == 0
 
 
 def test_pure_rejects_a_prompt_both_forgotten_and_retained(tiny_pipe):
     with pytest.raises(ValueError, match="both forgotten and retained"):
-        PureEraser.erase(tiny_pipe("sd1"), _request(retain=[*RETAIN, FORGET[0]]))
+        PureEraser().erase(tiny_pipe("sd1"), _request(retain=[*RETAIN, FORGET[0]]))
 
 
 # ------------------------------------------------------------------------------------------ collapse to P_R
@@ -292,7 +292,7 @@ def test_full_width_forget_basis_reduces_to_the_retain_projection():
 
 def test_pure_detects_and_reports_the_collapse_per_layer(tiny_pipe):
     rows = len(FORGET) * 2 * 6  # 72 forget rows per layer, more than the widest layer (64)
-    collapsed = PureEraser.erase(tiny_pipe("sd1"), _request(), {"tau_forget": 1.0})
+    collapsed = PureEraser().erase(tiny_pipe("sd1"), _request(), {"tau_forget": 1.0})
     widths = {edit.stats["width"] for edit in collapsed.layers}
     assert max(widths) <= rows
     for edit in collapsed.layers:
@@ -304,7 +304,7 @@ def test_pure_detects_and_reports_the_collapse_per_layer(tiny_pipe):
     assert collapsed.stats["layers_reduced_to_retain_projection"] == n
     assert collapsed.stats["operator"] == "retain_projection"
 
-    default = PureEraser.erase(tiny_pipe("sd1"), _request(), None)
+    default = PureEraser().erase(tiny_pipe("sd1"), _request(), None)
     assert default.stats["operator"] == "pure" and default.stats["reduces_to"] is None
     assert default.stats["layers_reduced_to_retain_projection"] == 0
     for edit in default.layers:
@@ -315,14 +315,14 @@ def test_pure_detects_and_reports_the_collapse_per_layer(tiny_pipe):
 def test_single_tau_is_the_default_and_overrides_apply_separately(tiny_pipe):
     params = PureParams()
     assert params.tau_forget is None and params.tau_retain is None
-    one = PureEraser.erase(tiny_pipe("sd1"), _request(), {"tau": 0.99, "steps": 2, "seeds": 1})
-    both = PureEraser.erase(tiny_pipe("sd1"), _request(), {"tau_forget": 0.99, "tau_retain": 0.99, "steps": 2, "seeds": 1})
+    one = PureEraser().erase(tiny_pipe("sd1"), _request(), {"tau": 0.99, "steps": 2, "seeds": 1})
+    both = PureEraser().erase(tiny_pipe("sd1"), _request(), {"tau_forget": 0.99, "tau_retain": 0.99, "steps": 2, "seeds": 1})
     assert [e.stats["rank_forget"] for e in one.layers] == [e.stats["rank_forget"] for e in both.layers]
     assert [e.stats["rank_retain"] for e in one.layers] == [e.stats["rank_retain"] for e in both.layers]
 
 
 def test_pure_returns_the_forget_only_bases(tiny_pipe):
-    result = PureEraser.erase(tiny_pipe("sd1"), _request(), {"steps": 2, "seeds": 1})
+    result = PureEraser().erase(tiny_pipe("sd1"), _request(), {"steps": 2, "seeds": 1})
     assert set(result.artefacts) == {"forget_bases", "retain_bases", "forget_only_bases"}
     for edit in result.layers:
         V_F = result.artefacts["forget_bases"][edit.module].double()

@@ -25,10 +25,11 @@ def _projector(V):
 
 
 def test_registered_with_its_own_params():
+    from safeguard.contracts import contract_gaps
     from safeguard.plugins import get_erasers
 
     assert get_erasers()["retain_projection"] is RetainProjectionEraser
-    assert RetainProjectionEraser.kind == "weights" and RetainProjectionEraser.version
+    assert contract_gaps("eraser", RetainProjectionEraser) == [] and RetainProjectionEraser.version
     assert set(RetainProjectionParams.model_fields) == {"tau_retain", "steps", "seeds", "guidance_scale", "batch_size"}
     for bad in ({"tau_retain": 0}, {"tau_retain": 1.5}, {"steps": 0}, {"tau_forget": 1.0}, {"tau": 0.9}):
         with pytest.raises(ValidationError):
@@ -39,9 +40,9 @@ def test_registered_with_its_own_params():
 def test_equals_pure_with_a_full_width_forget_basis(tiny_pipe, kind):
     # 6 anchors x 2 seeds x 6 steps = 72 forget rows, more than any tiny layer's width, so PURE's E is P_R.
     pure_pipe, projection_pipe = tiny_pipe(kind), tiny_pipe(kind)
-    pure = PureEraser.erase(pure_pipe, _request(), {"tau_forget": 1.0, "tau_retain": 0.99})
+    pure = PureEraser().erase(pure_pipe, _request(), {"tau_forget": 1.0, "tau_retain": 0.99})
     assert pure.stats["layers_reduced_to_retain_projection"] == len(pure.layers)
-    projection = RetainProjectionEraser.erase(projection_pipe, _request(), {"tau_retain": 0.99})
+    projection = RetainProjectionEraser().erase(projection_pipe, _request(), {"tau_retain": 0.99})
     assert projection.stats["operator"] == "retain_projection" and "reduces_to" not in projection.stats
 
     assert set(projection.originals) == set(pure.originals)  # weights, and biases where the layer has them
@@ -59,7 +60,7 @@ def test_edit_is_the_retain_projector_and_keeps_retain_activations(tiny_pipe):
     capture = dict(steps=6, seeds=[0, 1], guidance_scale=5.0)
     retain = [*RETAIN, "a tree"]
     before = capture_activations(pipe, retain, **capture)
-    result = RetainProjectionEraser.erase(pipe, _request(), {"tau_retain": 1.0})
+    result = RetainProjectionEraser().erase(pipe, _request(), {"tau_retain": 1.0})
     after = capture_activations(pipe, retain, **capture)
     layers = cross_attention_modules(denoiser_of(pipe))
     for edit in result.layers:
@@ -83,9 +84,9 @@ def test_edit_is_the_retain_projector_and_keeps_retain_activations(tiny_pipe):
 
 def test_needs_retain_prompts_and_rejects_overlap(tiny_pipe):
     with pytest.raises(ValueError, match="needs retain prompts"):
-        RetainProjectionEraser.erase(tiny_pipe("sd1"), _request(retain=[], keep=[]))
+        RetainProjectionEraser().erase(tiny_pipe("sd1"), _request(retain=[], keep=[]))
     with pytest.raises(ValueError, match="both forgotten and retained"):
-        RetainProjectionEraser.erase(tiny_pipe("sd1"), _request(keep=[FORGET[0]]))
+        RetainProjectionEraser().erase(tiny_pipe("sd1"), _request(keep=[FORGET[0]]))
 
 
 def test_apply_saves_its_bases(tmp_path, tiny_pipeline_root, monkeypatch):

@@ -299,13 +299,27 @@ def test_unexpected_error_is_one_line_naming_the_step_and_a_fix(ws, tiny_pipelin
     assert isinstance(debug.exception, torch.OutOfMemoryError)
 
 
-def test_unexpected_error_without_a_step_names_the_command(ws, tiny_pipeline_root):
+def test_an_eraser_that_raises_is_one_line_naming_its_plugin(ws, tiny_pipeline_root):
     shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), ws / "model")
     (ws / "policy.yaml").write_text(tiny_policy_text("tiny-runtime", eraser="exploding", params="{}"))
     result = invoke("apply", "policy.yaml")
     assert result.exit_code == 1
-    assert result.output.splitlines()[-1] == ("Error: safeguard apply: RuntimeError: eraser blew up mid-edit "
-                                              "(fix: run again with --debug for the traceback, and report it)")
+    assert result.output.splitlines()[-1] == (
+        "Error: the 'exploding' eraser (plugin test-judges): RuntimeError: eraser blew up mid-edit "
+        "(fix: run again with --debug for the traceback, and report it to the authors of test-judges)")
+    debug = invoke("--debug", "apply", "policy.yaml")
+    assert isinstance(debug.exception, RuntimeError) and str(debug.exception) == "eraser blew up mid-edit"
+
+
+def test_unexpected_error_without_a_step_names_the_command(ws, monkeypatch):
+    def broken_listing(include_builtin):
+        raise KeyError("no such plugin table")
+
+    monkeypatch.setattr("safeguard.plugins.plugin_info", broken_listing)
+    result = invoke("plugins")
+    assert result.exit_code == 1
+    assert result.output == ("Error: safeguard plugins: KeyError: 'no such plugin table' "
+                             "(fix: run again with --debug for the traceback, and report it)\n")
 
 
 def test_cpu_offload_needs_an_accelerator(ws, tiny_pipeline_root):

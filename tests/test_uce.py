@@ -131,7 +131,7 @@ def test_uce_matches_a_direct_numpy_solve(tiny_pipe, kind, erase_prompts):
     erased = FORGET if erase_prompts == "anchors" else ["pikachu"]
     erase, targets, preserve = _expected_keys(pipe, erased, "a photo of a cat", [*KEEP, *RETAIN])
 
-    result = UceEraser.erase(pipe, _request(), params)
+    result = UceEraser().erase(pipe, _request(), params)
     assert result.stats["erase_keys"] == len(erase) and result.stats["preserve_keys"] == len(preserve)
     assert result.stats["erase_prompts"] == {"pikachu": erased}
     for path, attn in layers.items():
@@ -150,7 +150,7 @@ def test_uce_defaults_are_the_references(tiny_pipe):
     pipe = tiny_pipe("sd1")
     layers, originals = _originals(pipe)
     erase, targets, preserve = _expected_keys(pipe, ["pikachu"], " ", [*KEEP, *RETAIN])
-    result = UceEraser.erase(pipe, _request(), None)
+    result = UceEraser().erase(pipe, _request(), None)
     assert result.stats["guides"] == {"pikachu": " "} and result.stats["erase_prompts"] == {"pikachu": ["pikachu"]}
     for path, attn in layers.items():
         expected = _numpy_uce(originals[path]["to_v"], erase, targets, preserve, 0.5, 1.0, 0.1)
@@ -158,11 +158,11 @@ def test_uce_defaults_are_the_references(tiny_pipe):
 
 
 def test_uce_guides_by_category(tiny_pipe):
-    style = UceEraser.erase(tiny_pipe("sd1"), _request(category="style"), {})
+    style = UceEraser().erase(tiny_pipe("sd1"), _request(category="style"), {})
     assert style.stats["guides"] == {"pikachu": "art"}
-    explicit = UceEraser.erase(tiny_pipe("sd1"), _request(category="style"), {"guide": "a tree"})
+    explicit = UceEraser().erase(tiny_pipe("sd1"), _request(category="style"), {"guide": "a tree"})
     assert explicit.stats["guides"] == {"pikachu": "a tree"}
-    empty = UceEraser.erase(tiny_pipe("sd1"), _request(), {"guide": ""})
+    empty = UceEraser().erase(tiny_pipe("sd1"), _request(), {"guide": ""})
     assert empty.stats["guides"] == {"pikachu": " "}  # the reference turns an empty guide into " "
 
 
@@ -170,7 +170,7 @@ def test_uce_without_retain_prompts_preserves_the_empty_prompt(tiny_pipe):
     pipe = tiny_pipe("sd1-bert")
     layers, originals = _originals(pipe)
     erase, targets, preserve = _expected_keys(pipe, ["pikachu"], " ", [""])
-    result = UceEraser.erase(pipe, _request(retain=[], keep=[]), {})
+    result = UceEraser().erase(pipe, _request(retain=[], keep=[]), {})
     assert result.stats["preserved_empty_prompt"] is True and result.stats["preserve_prompts"] == 1
     for path, attn in layers.items():
         expected = _numpy_uce(originals[path]["to_k"], erase, targets, preserve, 0.5, 1.0, 0.1)
@@ -182,7 +182,7 @@ def test_uce_result_records_what_it_changed(tiny_pipe):
     denoiser = denoiser_of(pipe)
     layers = cross_attention_modules(denoiser)
     before = {name: tensor.clone() for name, tensor in denoiser.state_dict().items()}
-    result = UceEraser.erase(pipe, _request(forget=[*FORGET, "Pikachu at night"]), {"erase_prompts": "anchors"})
+    result = UceEraser().erase(pipe, _request(forget=[*FORGET, "Pikachu at night"]), {"erase_prompts": "anchors"})
 
     length = result.stats["sequence_length"]
     assert result.stats["preserve_keys"] == 3 * length  # every position of the three retain prompts
@@ -206,7 +206,7 @@ def test_uce_result_records_what_it_changed(tiny_pipe):
 
 def test_uce_rejects_a_prompt_both_erased_and_retained(tiny_pipe):
     with pytest.raises(ValueError, match="both forgotten and retained"):
-        UceEraser.erase(tiny_pipe("sd1"), _request(keep=["pikachu"]))
+        UceEraser().erase(tiny_pipe("sd1"), _request(keep=["pikachu"]))
 
 
 def test_uce_params_are_validated():
@@ -238,12 +238,13 @@ def test_apply_with_uce_saves_no_bases(tmp_path, tiny_pipeline_root, monkeypatch
 # ------------------------------------------------------------------------------------------ registration
 def test_builtin_erasers_are_registered():
     from safeguard.builtin.pure import PureEraser
+    from safeguard.contracts import contract_gaps
     from safeguard.plugins import get_erasers
 
     erasers = get_erasers()
     assert erasers["pure"] is PureEraser and erasers["uce"] is UceEraser
     for cls in (PureEraser, UceEraser):
-        assert cls.kind == "weights" and cls.version
+        assert contract_gaps("eraser", cls) == [] and cls.version
 
 
 def test_eraser_modules_import_without_torch():
