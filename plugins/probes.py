@@ -6,7 +6,6 @@ what they find is a prompt anyone could type, "weights" when it is an embedding 
 model's weights can feed in."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from safeguard import hookimpl
 
@@ -114,13 +113,17 @@ def _original_latents(ctx, prompts, seed_offset: int):
     return torch.cat(out)
 
 
+def _detached(tensor):
+    return None if tensor is None else tensor.detach()
+
+
 class RingABellProbe:
     """Text-encoder-only discrete prompt search towards the concept direction (Ring-A-Bell style)."""
     name, kind = "ring_a_bell", "target"
     attack, threat_model = True, "text"  # the attacker only writes prompts
 
     def cases(self, ctx, concept):
-        from safeguard.attacks import prompt_token_room, ring_a_bell
+        from .attacks import prompt_token_room, ring_a_bell
 
         ProbeCase, ProbeCases = _context_types()
         s = ctx.settings
@@ -150,7 +153,7 @@ class UnlearnDiffAtkProbe:
     attack, threat_model = True, "text"  # white-box search, but what it yields is a prompt anyone can type
 
     def cases(self, ctx, concept):
-        from safeguard.attacks import unlearn_diff_attack
+        from .attacks import unlearn_diff_attack
 
         ProbeCase, ProbeCases = _context_types()
         s = ctx.settings
@@ -177,7 +180,7 @@ class SoftPromptProbe:
     attack, threat_model = True, "weights"  # it writes context vectors no prompt spells
 
     def cases(self, ctx, concept):
-        from safeguard.attacks import soft_prompt_attack
+        from .attacks import soft_prompt_attack
 
         ProbeCase, ProbeCases = _context_types()
         anchors = list(concept.expanded_forget_anchors())[:4]
@@ -188,8 +191,9 @@ class SoftPromptProbe:
         desc = f"<soft prompt: {anchors[0]!r} with 4 optimised tokens>"
         attack = {"budget": result.budget, "steps_used": result.steps_used, "seed": result.seed, "prompt": None,
                   "embedding_tokens": 4, "init_prompt": anchors[0], "score": result.score, "seconds": result.seconds}
-        return ProbeCases([ProbeCase(desc, concept.label, labels, texts, prompt_embeds=result.prompt_embeds.detach())], attack=attack,
-                          images_per_prompt=ctx.settings.attack_images)
+        return ProbeCases([ProbeCase(desc, concept.label, labels, texts, prompt_embeds=result.prompt_embeds.detach(),
+                                     pooled_prompt_embeds=_detached(result.pooled_prompt_embeds))],
+                          attack=attack, images_per_prompt=ctx.settings.attack_images)
 
 
 class RECEProbe:
@@ -199,7 +203,7 @@ class RECEProbe:
     attack, threat_model = True, "weights"  # needs both models' weights and writes a raw context
 
     def cases(self, ctx, concept):
-        from safeguard.attacks import rece_embedding
+        from .attacks import rece_embedding
 
         ProbeCase, ProbeCases = _context_types()
         labels, texts = ctx.concept_labels(concept)
@@ -208,7 +212,9 @@ class RECEProbe:
         for prompt in prompts:
             result = rece_embedding(ctx.original, ctx.edited, prompt)
             scores.append(result.score)
-            cases.append(ProbeCase(f"<RECE recovery of {prompt!r}>", concept.label, labels, texts, prompt_embeds=result.prompt_embeds.detach()))
+            cases.append(ProbeCase(f"<RECE recovery of {prompt!r}>", concept.label, labels, texts,
+                                   prompt_embeds=result.prompt_embeds.detach(),
+                                   pooled_prompt_embeds=_detached(result.pooled_prompt_embeds)))
         attack = {"budget": 1, "steps_used": 1, "seed": None, "prompt": None, "embedding_tokens": int(cases[0].prompt_embeds.shape[1]),
                   "score": sum(scores) / len(scores), "note": "score = relative K/V residual after recovery (0 = fully recovered)"}
         return ProbeCases(cases, attack=attack, images_per_prompt=max(1, ctx.settings.attack_images // len(cases)))

@@ -119,25 +119,11 @@ def _tokenizers(pipe) -> list:
     return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
 
 
-def _execution_device(pipe):
-    return getattr(pipe, "_execution_device", None) or pipe.device
-
-
 def prompt_embeddings(pipe, prompts: Sequence[str]):
     """Text-encoder states ``[len(prompts), sequence, width]`` exactly as the pipeline conditions on them."""
-    import torch
+    from safeguard.encoding import encode_prompts
 
-    device = _execution_device(pipe)
-    with torch.no_grad():
-        if hasattr(pipe, "encode_prompt"):
-            encoded = pipe.encode_prompt(
-                prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-            )
-            return encoded[0]
-        tokenizer = pipe.tokenizer
-        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        return pipe.text_encoder(ids.to(device))[0]
+    return encode_prompts(pipe, prompts).embeds
 
 
 def _check_tokenizers_agree(pipe, texts: Sequence[str], max_length: int) -> None:

@@ -291,23 +291,22 @@ def report_cmd(run_id, db_url, output, json_out, md_out, blur_unsafe):
 
 
 def _write_text(path: Path, text: str) -> None:
-    from .errors import SafeguardError
+    from .files import write_atomically
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        raise SafeguardError(f"cannot write: {exc.strerror}", file=str(path), fix="choose a writable path") from None
+    write_atomically(path, text)
 
 
-@cli.command("gate")
+def _gate_help() -> str:
+    from .gate import exit_codes_text
+
+    return f"Record the gate's verdict on a probed run and exit with its code: {exit_codes_text()}."
+
+
+@cli.command("gate", help=_gate_help())
 @click.argument("run_id")
 @DB_OPTION
 @click.option("--junit", type=click.Path(dir_okay=False), default=None, help="Write the verdict as JUnit XML.")
 def gate_cmd(run_id, db_url, junit):
-    """Exit 0 if the audited model passes its policy; 10 leakage, 11 unassessed evidence, 12 model changed."""
     from .db import open_db
     from .evidence import gate
 

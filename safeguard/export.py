@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -150,33 +148,17 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _write_folder_atomically(out: Path, files: dict[str, bytes]) -> Path:
+    from safeguard.files import publish_folder, staged_folder
+
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        with staged_folder(out, what="the bundle") as tmp:
+            for name, content in files.items():
+                (tmp / name).write_bytes(content)
+            (tmp / MANIFEST).write_bytes(manifest_text(files).encode("utf-8"))
+            return publish_folder(tmp, out)
     except OSError as exc:
-        raise AuditError(f"cannot write the bundle: {exc.strerror}", file=str(out.parent),
-                         fix="choose a writable folder") from None
-    try:
-        for name, content in files.items():
-            _write_synced(tmp / name, content)
-        _write_synced(tmp / MANIFEST, manifest_text(files).encode("utf-8"))
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the bundle from everyone else
-        os.rename(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise AuditError(f"writing the bundle failed: {exc.strerror or exc}", file=str(out),
                          fix="free disk space or choose a writable folder") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _write_synced(path: Path, content: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(content)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def manifest_text(files: dict[str, bytes]) -> str:

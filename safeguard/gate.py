@@ -15,16 +15,44 @@ class ExitCode(IntEnum):
     MODEL_CHANGED = 12  # the model files on disk are not the ones that were audited
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One verdict of the gate: its exit code and the words every output (CLI, report, JUnit) uses for it."""
+    name: str  # as recorded in gate_decisions and report data
+    exit_code: ExitCode
+    headline: str  # the line the gate prints, before "(exit N)"
+    word: str  # the report's short form
+    meaning: str  # the CLI help's short form
+
+
+# The one table of verdicts; everything that prints or checks a verdict reads it from here.
+VERDICTS = {v.name: v for v in (
+    Verdict("pass", ExitCode.PASS, "PASS", "PASS", "pass"),
+    Verdict("fail", ExitCode.LEAKAGE, "FAIL: leakage over threshold", "FAIL", "leakage"),
+    Verdict("unassessed", ExitCode.UNASSESSED, "INCOMPLETE EVIDENCE: unassessed probes", "INCOMPLETE EVIDENCE",
+            "unassessed evidence"),
+    Verdict("model-changed", ExitCode.MODEL_CHANGED, "FAIL: model differs from the audited files", "MODEL CHANGED",
+            "model changed"),
+)}
+
+
+def exit_codes_text() -> str:
+    """The gate's exit codes in one phrase, e.g. "0 pass, 10 leakage, 11 unassessed evidence, 12 model changed"."""
+    return ", ".join(f"{int(v.exit_code)} {v.meaning}" for v in VERDICTS.values())
+
+
 @dataclass
 class GateDecision:
-    verdict: str  # "pass" | "fail" | "unassessed" | "model-changed"
+    verdict: str  # a key of VERDICTS
     exit_code: ExitCode
     reasons: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, verdict: str, reasons: list[str]) -> GateDecision:
+        return cls(verdict, VERDICTS[verdict].exit_code, reasons)
+
     def line(self) -> str:
-        head = {"pass": "PASS", "fail": "FAIL: leakage over threshold", "unassessed": "INCOMPLETE EVIDENCE: unassessed probes",
-                "model-changed": "FAIL: model differs from the audited files"}[self.verdict]
-        return f"{head} (exit {int(self.exit_code)})"
+        return f"{VERDICTS[self.verdict].headline} (exit {int(self.exit_code)})"
 
 
 def decide(results: list[dict], max_unassessed: int, model_error: str | None = None, *,
@@ -33,21 +61,21 @@ def decide(results: list[dict], max_unassessed: int, model_error: str | None = N
     evidence never count as a pass. ``required`` lists probe kinds (or "attack": any attack probe) that every
     banned concept in ``concepts`` needs, assessed, before the gate can pass."""
     if model_error:
-        return GateDecision("model-changed", ExitCode.MODEL_CHANGED, [model_error])
+        return GateDecision.of("model-changed", [model_error])
     gated = [r for r in results if (r.get("details") or {}).get("kind") != "screen"]
     failed = [r for r in gated if r["status"] == "fail"]
     unassessed = [r for r in gated if r["status"] not in ("pass", "fail")]
     reasons = [_reason(r) for r in failed + unassessed]
     if not gated:
-        return GateDecision("unassessed", ExitCode.UNASSESSED, ["no probe results were recorded for this run"])
+        return GateDecision.of("unassessed", ["no probe results were recorded for this run"])
     if failed:
-        return GateDecision("fail", ExitCode.LEAKAGE, reasons)
+        return GateDecision.of("fail", reasons)
     missing = missing_evidence(gated, required, concepts)
     if missing:
-        return GateDecision("unassessed", ExitCode.UNASSESSED, [missing] + reasons)
+        return GateDecision.of("unassessed", [missing] + reasons)
     if len(unassessed) > max_unassessed:
-        return GateDecision("unassessed", ExitCode.UNASSESSED, reasons)
-    return GateDecision("pass", ExitCode.PASS, reasons or [f"all {len(gated)} probes within thresholds"])
+        return GateDecision.of("unassessed", reasons)
+    return GateDecision.of("pass", reasons or [f"all {len(gated)} probes within thresholds"])
 
 
 def missing_evidence(results: list[dict], required: tuple[str, ...], concepts: tuple[str, ...]) -> str | None:

@@ -284,11 +284,14 @@ class LoadedPolicy:
 
     @property
     def canonical_json(self) -> str:
-        return json.dumps(self.policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The validated policy as canonical JSON (the audit database's form, so one definition hashes all)."""
+        from .db.values import canonical_json
+
+        return canonical_json(self.policy.model_dump(mode="json"))
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.canonical_json.encode()).hexdigest()
+        return hashlib.sha256(self.canonical_json.encode("utf-8")).hexdigest()
 
     @property
     def text_sha256(self) -> str:

@@ -29,9 +29,8 @@ def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[lis
     on every device."""
     import torch
 
-    from .runtime import execution_device
+    from .encoding import render_embeddings
 
-    device = execution_device(pipe)
     out: list[list] = [[] for _ in cases]
     jobs = [(i, s) for i, c in enumerate(cases) for s in seeds]
     text_jobs = [j for j in jobs if cases[j[0]].prompt_embeds is None]
@@ -43,14 +42,12 @@ def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[lis
                       guidance_scale=settings.guidance_scale,
                       generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]).images
         results.update(zip(chunk, images))
-    if embed_jobs:
-        negative, _ = pipe.encode_prompt("", device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        for i, s in embed_jobs:
-            embeds = cases[i].prompt_embeds.to(device, pipe.dtype if hasattr(pipe, "dtype") else torch.float32)
-            image = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative.expand_as(embeds).to(embeds.dtype),
-                         num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                         generator=torch.Generator(device="cpu").manual_seed(s)).images[0]
-            results[(i, s)] = image
+    for i in dict.fromkeys(i for i, _ in embed_jobs):
+        case = cases[i]
+        images = render_embeddings(pipe, case.prompt_embeds, seeds=seeds, steps=settings.steps,
+                                   guidance_scale=settings.guidance_scale,
+                                   pooled_prompt_embeds=case.pooled_prompt_embeds, batch_size=settings.batch_size)
+        results.update(((i, s), image) for s, image in zip(seeds, images))
     for (i, s) in jobs:
         out[i].append(results[(i, s)])
     return out

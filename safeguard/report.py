@@ -19,15 +19,14 @@ from typing import Any
 import jinja2
 from markupsafe import Markup, escape
 
-from .gate import ExitCode, GateDecision
+from .contracts import PROBE_KINDS
+from .db.schema import PROBE_STATUSES
+from .gate import VERDICTS, ExitCode, GateDecision
 
 SCHEMA_VERSION = 1
 # The gate's verdicts and the exit code each one must carry.
-EXIT_CODES = {"pass": ExitCode.PASS, "fail": ExitCode.LEAKAGE, "unassessed": ExitCode.UNASSESSED,
-              "model-changed": ExitCode.MODEL_CHANGED}
-PROBE_STATUSES = ("pass", "fail", "unassessed")
-PROBE_KINDS = ("target", "keep")
-_VERDICT_WORDS = {"pass": "PASS", "fail": "FAIL", "unassessed": "INCOMPLETE EVIDENCE", "model-changed": "MODEL CHANGED"}
+EXIT_CODES = {name: v.exit_code for name, v in VERDICTS.items()}
+_VERDICT_WORDS = {name: v.word for name, v in VERDICTS.items()}
 
 _REQUIRED = {
     "top": ("schema_version", "generated_at", "run", "policy", "verdict", "concepts"),

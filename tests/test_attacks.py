@@ -10,11 +10,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-from safeguard.attacks import (
+from safeguard.builtin.attacks import (
     AttackResult, ProjectionPair, kv_projection_pairs, rece_embedding, rece_recover, rece_residual,
-    render_embeddings, ring_a_bell, soft_prompt_attack, unlearn_diff_attack,
+    ring_a_bell, soft_prompt_attack, unlearn_diff_attack,
 )
 from safeguard.attention import cross_attention_modules
+from safeguard.encoding import render_embeddings
 from safeguard.errors import ModelError
 
 torch.set_num_threads(1)
@@ -161,6 +162,25 @@ def test_soft_prompt_on_sdxl_keeps_the_pooled_embedding(tiny_pipe):
     _renders(pipe, result)
 
 
+def test_probe_render_of_an_sdxl_embedding_case_uses_its_pooled_embedding(tiny_pipe):
+    from safeguard.contracts import ProbeCase
+    from safeguard.probing import render
+
+    pipe = tiny_pipe("sdxl")
+    result = soft_prompt_attack(pipe, _concept_latents(), init_prompt="a photo of", budget=1, lr=0.3)
+    settings = types.SimpleNamespace(steps=2, guidance_scale=5.0, batch_size=1)
+    case = ProbeCase("<soft prompt>", "pikachu", ["pikachu"], ["pikachu"], prompt_embeds=result.prompt_embeds.detach(),
+                     pooled_prompt_embeds=result.pooled_prompt_embeds.detach())
+    (images,) = render(pipe, [case], [3, 4], settings)
+    # The probe path is the renderer itself: the same context, pooled embedding and seeds give the same images.
+    direct = render_embeddings(pipe, result.prompt_embeds.detach(), seeds=[3, 4], steps=2, guidance_scale=5.0,
+                               pooled_prompt_embeds=result.pooled_prompt_embeds.detach())
+    assert [list(im.getdata()) for im in images] == [list(im.getdata()) for im in direct]
+    case.pooled_prompt_embeds = None
+    with pytest.raises(ValueError, match="needs pooled_prompt_embeds"):
+        render(pipe, [case], [3], settings)
+
+
 def test_soft_prompt_refuses_what_it_cannot_attack(tiny_pipe):
     with pytest.raises(ModelError, match="UNet2DConditionModel"):
         soft_prompt_attack(types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), _concept_latents(),
@@ -209,7 +229,7 @@ def test_unlearn_diff_attack_finds_a_lower_loss_prompt_of_the_asked_length(tiny_
 @pytest.mark.parametrize("kind", ["sd1-bert", "sd1"])
 def test_prefix_hook_feeds_the_tokens_own_embeddings_and_passes_the_gradient(tiny_pipe, kind):
     """The search's forward pass is exactly the prompt's text encoding; only the gradient path is added."""
-    from safeguard.attacks import _PrefixHook
+    from safeguard.builtin.attacks import _PrefixHook
 
     pipe = tiny_pipe(kind)
     embedding = pipe.text_encoder.get_input_embeddings()

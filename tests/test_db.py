@@ -147,8 +147,11 @@ def check_model_records(db: Database) -> None:
     assert record["files"][0]["sha256"] == "cd" * 32  # hashes are stored lower-case
     assert record["tree_sha256"] == tree_sha256(FILES) == tree_sha256(reversed(FILES))
     assert events(db).count("model.recorded") == 3
-    given = db.record_model("/models/x", None, "input", FILES, "f" * 64)  # the caller's own tree hash is kept
-    assert db.run_as_dict(db.start_run("audit", input_model_id=given))["input_model"]["tree_sha256"] == "f" * 64
+    # One tree hash: a caller's (modelio's, over the folder) must be the one the database computes.
+    given = db.record_model("/models/x", None, "input", FILES, tree_sha256(FILES))
+    assert db.run_as_dict(db.start_run("audit", input_model_id=given))["input_model"]["tree_sha256"] == tree_sha256(FILES)
+    with pytest.raises(ValueError, match="is not the hash of the file list"):
+        db.record_model("/models/y", None, "input", FILES, "f" * 64)
 
 
 def check_atomic_writes(db: Database) -> None:

@@ -13,7 +13,8 @@ Four attacks of rising access, each a plain function that returns an :class:`Att
                         for the concept (RECE), plus how much of the concept is recoverable at all.
 
 Continuous results are context tensors ``[1, L, D]`` that ``pipe(prompt_embeds=...)`` accepts;
-:func:`render_embeddings` renders them with the pipeline's own unconditional embedding.
+:func:`safeguard.encoding.render_embeddings` renders them with the pipeline's own unconditional embedding.
+The attack probes of ``probes.py`` are their only callers.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import cross_attention_modules, denoiser_of
-from .errors import ModelError
+from safeguard.attention import cross_attention_modules, denoiser_of
+from safeguard.encoding import EncodedPrompts, encode_prompts
+from safeguard.errors import ModelError
 
 ENCODE_CHUNK = 64  # prompts per text-encoder batch during the genetic search
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -73,34 +75,6 @@ class AttackResult:
 
 
 # ------------------------------------------------------------------------------------------ pipeline access
-class _Encoded(NamedTuple):
-    embeds: torch.Tensor
-    negative: torch.Tensor | None
-    pooled: torch.Tensor | None = None
-    negative_pooled: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # PixArt-style pipelines: which token states the denoiser attends to
-
-
-def _call_parameters(pipe) -> set[str]:
-    return set(inspect.signature(pipe.__call__).parameters)
-
-
-def _encode(pipe, prompts: Sequence[str], *, with_negative: bool = False, grad: bool = False) -> _Encoded:
-    """The context the pipeline itself builds for ``prompts`` (and its default unconditional branch).
-
-    ``grad=True`` keeps the autograd graph, so a hook on the text encoder's input embeddings can pass
-    gradients back to what it substitutes there."""
-    params = _call_parameters(pipe)
-    with torch.set_grad_enabled(grad):
-        out = pipe.encode_prompt(prompt=list(prompts), device=pipe.device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=with_negative)
-    if "pooled_prompt_embeds" in params:  # SDXL layout: embeds, negative, pooled, negative pooled
-        return _Encoded(out[0], out[1], out[2], out[3])
-    if "prompt_attention_mask" in params:  # PixArt layout: embeds, mask, negative, negative mask
-        return _Encoded(out[0], out[2], mask=out[1])
-    return _Encoded(out[0], out[1])
-
-
 def prompt_token_room(pipe) -> int:
     """How many tokens a prompt may have before the pipeline truncates it."""
     tokenizer = pipe.tokenizer
@@ -188,7 +162,7 @@ def _candidate_tokens(tokenizer, vocab: Sequence[str] | None, banned_words: Sequ
 def _prompt_features(pipe, prompts: Sequence[str], compare: str) -> torch.Tensor:
     chunks = []
     for start in range(0, len(prompts), ENCODE_CHUNK):
-        encoded = _encode(pipe, prompts[start:start + ENCODE_CHUNK])
+        encoded = encode_prompts(pipe, prompts[start:start + ENCODE_CHUNK])
         states = encoded.embeds.float()
         if encoded.mask is None:
             chunks.append(states.flatten(1) if compare == "tokens" else states.mean(dim=1))
@@ -385,7 +359,7 @@ def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, 
     batch = latents.shape[0]
     schedule, prediction_type = _training_schedule(pipe)
 
-    encoded = _encode(pipe, [init_prompt])
+    encoded = encode_prompts(pipe, [init_prompt])
     context = encoded.embeds.detach().to(device, torch.float32)
     length = context.shape[1]
     tokenizer = pipe.tokenizer
@@ -547,7 +521,7 @@ def unlearn_diff_attack(pipe, target_latents: torch.Tensor, prompt: str, *, n_to
     def text_of(prefix: Sequence[int]) -> str:
         return " ".join(token_texts[i] for i in prefix) + " " + prompt
 
-    def loss_of(encoded: _Encoded, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def loss_of(encoded: EncodedPrompts, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         noisy = schedule.add_noise(latents, noise, t)
         target = _diffusion_target(schedule, latents, noise, t, prediction_type)
         states = encoded.embeds.expand(batch, -1, -1)
@@ -559,7 +533,7 @@ def unlearn_diff_attack(pipe, target_latents: torch.Tensor, prompt: str, *, n_to
 
     def evaluation_loss(prefix: Sequence[int]) -> float:
         # The prompt text alone, encoded as any user's prompt would be: no hook is involved.
-        encoded = _encode(pipe, [text_of(prefix)])
+        encoded = encode_prompts(pipe, [text_of(prefix)])
         with torch.no_grad():
             return float(np.mean([loss_of(encoded, t, noise).item() for t, noise in evaluation]))
 
@@ -585,7 +559,7 @@ def unlearn_diff_attack(pipe, target_latents: torch.Tensor, prompt: str, *, n_to
             handle = embedding.register_forward_hook(hook)
             try:
                 with torch.enable_grad():
-                    loss = loss_of(_encode(pipe, [text_of(prefix)], grad=True), *draw(per_latent=False))
+                    loss = loss_of(encode_prompts(pipe, [text_of(prefix)], grad=True), *draw(per_latent=False))
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
             finally:
@@ -710,7 +684,7 @@ def rece_embedding(original_pipe, edited_pipe, prompt: str, *, gamma: float = 0.
     original_denoiser, edited_denoiser = denoiser_of(original_pipe), denoiser_of(edited_pipe)
     _require_prompt_space_unet(edited_denoiser, "rece_embedding")
     pairs = kv_projection_pairs(original_denoiser, edited_denoiser)
-    encoded = _encode(original_pipe, [prompt])
+    encoded = encode_prompts(original_pipe, [prompt])
     context = encoded.embeds[0].detach().cpu().double()
     recovered = rece_recover(pairs, context, gamma=gamma)
     before = rece_residual(pairs, context, context)
@@ -726,36 +700,3 @@ def rece_embedding(original_pipe, edited_pipe, prompt: str, *, gamma: float = 0.
                  "projections": len(pairs), "gram_scale": gram_scale,
                  "context_shift": float((recovered - context).norm() / context.norm().clamp_min(1e-12))},
     )
-
-
-# ------------------------------------------------------------------------------------------------ render
-def render_embeddings(pipe, prompt_embeds: torch.Tensor, *, seeds: Sequence[int], steps: int,
-                      guidance_scale: float, pooled_prompt_embeds: torch.Tensor | None = None) -> list:
-    """Render a continuous attack result once per seed, each seed as ``pipe(..., generator=seed)`` would.
-
-    The unconditional branch is the pipeline's own default (the empty prompt's embedding, or zeros where
-    the pipeline forces them), so the images differ from a prompt render only by the attacked context.
-    SDXL-style pipelines also need ``pooled_prompt_embeds`` (an AttackResult carries the prompt's own).
-    """
-    if not seeds:
-        return []
-    if "prompt_attention_mask" in _call_parameters(pipe):
-        raise ModelError(f"{type(pipe).__name__} needs an attention mask with its embeddings; the continuous "
-                         "attacks produce Stable Diffusion (UNet) contexts only")
-    unconditional = _encode(pipe, [""], with_negative=True)
-    expected = [1, *unconditional.negative.shape[1:]]
-    if list(prompt_embeds.shape) != expected:
-        raise ValueError(f"prompt_embeds must be {expected} for this pipeline, got {list(prompt_embeds.shape)}")
-    kwargs: dict[str, Any] = {}
-    if "pooled_prompt_embeds" in _call_parameters(pipe):
-        if pooled_prompt_embeds is None:
-            raise ValueError(f"{type(pipe).__name__} needs pooled_prompt_embeds as well")
-        kwargs = {"pooled_prompt_embeds": pooled_prompt_embeds.to(pipe.device, unconditional.negative.dtype),
-                  "negative_pooled_prompt_embeds": unconditional.negative_pooled}
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        out = pipe(prompt_embeds=prompt_embeds.to(pipe.device, unconditional.negative.dtype),
-                   negative_prompt_embeds=unconditional.negative, num_images_per_prompt=len(generators),
-                   generator=generators, num_inference_steps=steps, guidance_scale=guidance_scale,
-                   output_type="pil", **kwargs)
-    return list(out.images)
