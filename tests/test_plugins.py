@@ -326,3 +326,15 @@ print(json.dumps({"probs": probs.tolist(), "sha256": judge.sha256, "dim": featur
     blue, red, unknown = seen["probs"][0]
     assert red > 0.99 and unknown == 0.0 and abs(blue + red - 1) < 1e-9
     assert re.fullmatch(r"[0-9a-f]{64}", seen["sha256"]) and seen["dim"] == 16 * 16 * 3
+
+
+def test_core_never_imports_a_plugin_module():
+    """Dependencies point one way: plugins use the core, the core reaches plugins only through the manager."""
+    offenders = []
+    for path in sorted((ROOT / "safeguard").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "safeguard.builtin" in line and path.name != "plugins.py":
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
+    listed = [line for line in (ROOT / "safeguard" / "plugins.py").read_text().splitlines() if "safeguard.builtin" in line]
+    assert [line.strip().strip('",') for line in listed] == list(plugins.DEFAULT_PLUGINS)

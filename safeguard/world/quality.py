@@ -25,9 +25,10 @@ BAR_SPLITS = ("dev",)  # held-out splits whose category means must reach PARAPHR
 
 
 def load_judge():
-    from safeguard.builtin.judge_open_clip import OpenClipJudge
+    """The open_clip judge on the embedded world's weights, found through the plugin manager like any judge."""
+    from safeguard.plugins import get_judges
 
-    return OpenClipJudge("embedded:world-judge-v1")
+    return get_judges()["open_clip"]("embedded:world-judge-v1")
 
 
 def subject_labels(judge):
