@@ -144,14 +144,16 @@ def validate(policy_file):
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; load and write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin/.ckpt) weights. They can run code when loaded.")
 @click.option("--lora", is_flag=True, default=None, help="Also write the edit as a LoRA adapter in OUT/lora (output.lora).")
-def apply(policy_file, out_dir, db_url, dry_run, allow_pickle, lora):
+@click.option("--single-file", is_flag=True, default=None,
+              help="Also write the edited model as one OUT/<name>.safetensors in the original layout (output.single_file; SD1.x).")
+def apply(policy_file, out_dir, db_url, dry_run, allow_pickle, lora, single_file):
     """Erase the policy's banned concepts and write the edited model."""
     from .engine import apply_policy
     from .policy import load_policy
 
     loaded = load_policy(policy_file)
     outcome = apply_policy(loaded, out_dir=out_dir, db_url=db_url, dry_run=dry_run, allow_pickle=allow_pickle,
-                           lora=lora, echo=lambda m: click.echo(m, err=True))
+                           lora=lora, single_file=single_file, echo=lambda m: click.echo(m, err=True))
     if dry_run:
         plan = outcome.plan
         click.echo(f"dry run: would erase {', '.join(c.name for c in plan.request.concepts)} with {plan.eraser_cls.name} "
@@ -344,7 +346,9 @@ def audit_group():
 @click.option("--blur-unsafe", is_flag=True)
 @click.option("--junit", type=click.Path(dir_okay=False), default=None)
 @click.option("--lora", is_flag=True, default=None, help="Also write the edit as a LoRA adapter in OUT/lora (output.lora).")
-def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit, lora):
+@click.option("--single-file", is_flag=True, default=None,
+              help="Also write the edited model as one OUT/<name>.safetensors in the original layout (output.single_file; SD1.x).")
+def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit, lora, single_file):
     """Apply POLICY_FILE, probe the result, write the report and exit with the gate's code."""
     from .db import open_db
     from .engine import apply_policy
@@ -354,7 +358,7 @@ def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit, lor
 
     loaded = load_policy(policy_file)
     err = lambda m: click.echo(m, err=True)  # noqa: E731
-    outcome = apply_policy(loaded, out_dir=out_dir, db_url=db_url, lora=lora, echo=err)
+    outcome = apply_policy(loaded, out_dir=out_dir, db_url=db_url, lora=lora, single_file=single_file, echo=err)
     _print_apply_summary(outcome)
     db = open_db(db_url)
     probed = probe(db, outcome.run_id, echo=err)

@@ -46,6 +46,20 @@ def _write_lora(pipe, name: str, result, folder: Path, run_id: str, loaded: Load
     return {"lora": summary}
 
 
+def _write_single_file(pipe, folder: Path, stem: str, run_id: str, loaded: LoadedPolicy, echo) -> dict:
+    """The edited model as one ``folder/<stem>.safetensors`` in its input's dtypes; returns the record entry."""
+    import torch
+
+    from . import singlefile
+
+    stored = getattr(pipe, "_safeguard_stored", None)
+    dtypes = {name: getattr(torch, dtype) for name, dtype in (stored.dtypes if stored else {}).items()}
+    summary = singlefile.write_single_file(pipe, folder / f"{stem}.safetensors", dtypes,
+                                           metadata={"safeguard_run": run_id, "policy_sha256": loaded.sha256})
+    echo(f"single-file checkpoint: {summary['file']} ({summary['bytes'] / 1e6:.1f} MB)")
+    return {"single_file": summary}
+
+
 def make_plan(loaded: LoadedPolicy, out_dir: str | None = None) -> Plan:
     """Everything `apply` will do, checked before any model is loaded."""
     from .plugins import get_erasers
@@ -72,9 +86,11 @@ def make_plan(loaded: LoadedPolicy, out_dir: str | None = None) -> Plan:
 
 
 def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: str | None = None,
-                 dry_run: bool = False, allow_pickle: bool = False, lora: bool | None = None, echo=print) -> ApplyOutcome:
+                 dry_run: bool = False, allow_pickle: bool = False, lora: bool | None = None,
+                 single_file: bool | None = None, echo=print) -> ApplyOutcome:
     """Apply the policy's edit and write the edited model; ``lora`` (default: ``output.lora``) also writes it
-    as a LoRA adapter in ``<output>/lora``."""
+    as a LoRA adapter in ``<output>/lora``, ``single_file`` (default: ``output.single_file``) as one
+    ``<output>/<output name>.safetensors`` in the original layout."""
     from . import modelio
     from .db import open_db
     from .provenance import actor, argv, package_versions
@@ -84,8 +100,10 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
     if dry_run:
         return ApplyOutcome(None, None, plan=plan)
 
-    source = modelio.resolve_source(policy.model.source, loaded.base_dir)
-    if isinstance(source, Path):
+    from .singlefile import source_and_config
+
+    source, config = source_and_config(loaded)  # config: the local config folder of a single-file checkpoint
+    if isinstance(source, Path) and config is None:
         modelio.check_model_folder(source, allow_pickle or policy.model.allow_pickle)
     db = open_db(db_url)
     db.mark_stale_running_runs_failed()  # runs whose process was killed show as failed, not running forever
@@ -99,17 +117,22 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
         modelio.clean_partial_outputs(plan.out_dir)
         t0 = time.perf_counter()
         if isinstance(source, Path):
-            input_files = modelio.hash_model_folder(source)
+            input_files = modelio.hash_model_folder(source) if config is None else modelio.hash_single_file(source, config)
             input_model_id = db.record_model(str(source), policy.model.revision, "input", input_files.files, input_files.tree_sha256)
         else:
             input_files, input_model_id = None, db.record_model(source, policy.model.revision, "input", [], None)
-        pipe = modelio.load_pipeline(source, policy.model.revision, allow_pickle or policy.model.allow_pickle)
+        pipe = modelio.load_pipeline(source, policy.model.revision, allow_pickle or policy.model.allow_pickle, config=config)
         crash_point("apply:after-load")
         want_lora = policy.output.lora if lora is None else lora
         if want_lora:
             from . import lora as lora_export
 
             lora_export.check_exportable(pipe)
+        want_single_file = policy.output.single_file if single_file is None else single_file
+        if want_single_file:
+            from . import singlefile
+
+            singlefile.check_exportable(pipe)
         echo(f"loaded {policy.model.source} in {time.perf_counter() - t0:.1f}s; erasing {len(plan.request.concepts)} concept(s) with {plan.eraser_cls.name}")
         result = erase_with_plugin(plan, pipe)
         crash_point("apply:after-edit")
@@ -124,16 +147,22 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
                   "edited_modules": [layer.module for layer in result.layers], "lineage": lineage}
         from . import modelcard
 
-        record["base_model"] = modelcard.base_model_info(str(policy.model.source), source if isinstance(source, Path) else None)
+        hub_id = None if config is not None or isinstance(modelio.resolve_source(policy.model.source, loaded.base_dir, cache=False), Path) \
+            else policy.model.source
+        record["base_model"] = modelcard.base_model_info(str(policy.model.source), config or (source if isinstance(source, Path) else None),
+                                                         hub_id)
         extra_outputs = []
         if want_lora:
             extra_outputs.append(lambda folder: _write_lora(pipe, name, result, folder, run_id, loaded, echo))
+        if want_single_file:
+            extra_outputs.append(lambda folder: _write_single_file(pipe, folder, plan.out_dir.name, run_id, loaded, echo))
         # Last, so it describes every other output; "not yet probed" until a gate records a verdict.
         extra_outputs.append(lambda folder: modelcard.write_card(folder, modelcard.card_text(record, policy)) and None)
         modelio.write_pipeline_atomically(pipe, plan.out_dir, originals=result.originals, record=record, denoiser_name=name,
                                           bases=edit_bases(result.artefacts), extra_outputs=extra_outputs)
-        if "lora" in record:
-            result.stats["lora"] = record["lora"]  # in the run's stats, so the audit trail holds it
+        for output in ("lora", "single_file"):
+            if output in record:
+                result.stats[output] = record[output]  # in the run's stats, so the audit trail holds it
         crash_point("apply:after-rename")
         output_files = modelio.hash_model_folder(plan.out_dir)
         with db.session() as s:

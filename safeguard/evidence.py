@@ -78,7 +78,11 @@ def probe(db, run_id: str, *, resume: bool = False, kinds: list[str] | None = No
         if policy.judge.name not in judges:
             raise ModelError(f"unknown judge {policy.judge.name!r}", field="judge.name", fix=f"use one of: {', '.join(judges)}")
         t0 = time.perf_counter()
-        original = modelio.load_pipeline(Path(models["input"]["path"]) if models["input"]["files"] else models["input"]["path"])
+        from .singlefile import is_single_file, source_and_config
+
+        config = source_and_config(loaded)[1] if is_single_file(policy.model.source) else None
+        original = modelio.load_pipeline(Path(models["input"]["path"]) if models["input"]["files"] else models["input"]["path"],
+                                         config=config)
         edited = modelio.load_pipeline(Path(models["output"]["path"]))
         ctx = ProbeContext(loaded, original, edited, None, seed=policy.probes.seed)
         wanted = kinds or list(policy.probes.kinds)

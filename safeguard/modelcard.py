@@ -42,16 +42,17 @@ def read_front_matter(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def base_model_info(source: str, input_folder: Path | None) -> dict[str, Any]:
+def base_model_info(source: str, input_folder: Path | None, hub_id: str | None = None) -> dict[str, Any]:
     """What the card says about the input model: its hub id (``base_model``) and license when known.
 
-    A hub id source is its own ``base_model``; a local folder contributes what its own card declares (an
-    edited model's card names the model it was edited from), and its license.
+    A hub id (``hub_id``, or a ``source`` with no local folder) is its own ``base_model``; a local folder (a hub
+    model's cached snapshot, a single file's config folder) contributes what its card declares (an edited
+    model's card names the model it was edited from), and its license.
     """
     info: dict[str, Any] = {"source": source, "base_model": None, "license": None}
     card = read_front_matter(input_folder / CARD) if input_folder is not None else {}
-    if input_folder is None:
-        info["base_model"] = source
+    if hub_id or input_folder is None:
+        info["base_model"] = hub_id or source
     elif isinstance(card.get("base_model"), (str, list)):
         info["base_model"] = card["base_model"]
     if isinstance(card.get("license"), str):

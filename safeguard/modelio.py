@@ -50,12 +50,27 @@ def hash_model_folder(root: Path) -> ModelFiles:
     for p in sorted(root.rglob("*")):
         if p.is_file() and not p.name.startswith(".") and p.relative_to(root).as_posix() != MODEL_CARD:
             files.append({"path": p.relative_to(root).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size})
-    tree = hashlib.sha256("\n".join(f"{f['path']} {f['sha256']}" for f in files).encode()).hexdigest()
-    return ModelFiles(root, files, tree)
+    return ModelFiles(root, files, _tree_sha256(files))
 
 
-def resolve_source(source: str, base_dir: Path | None = None) -> Path | str:
-    """A local folder (embedded:NAME, absolute or relative path) or, when nothing local matches, a hub id."""
+def _tree_sha256(files: list[dict]) -> str:
+    return hashlib.sha256("\n".join(f"{f['path']} {f['sha256']}" for f in files).encode()).hexdigest()
+
+
+def hash_single_file(checkpoint: Path, config: Path) -> ModelFiles:
+    """The content hash of a single-file checkpoint and its config folder; paths are relative to the
+    checkpoint's folder (``../configs/sd15/unet/config.json`` for a config folder elsewhere), so
+    :func:`safeguard.probing.verify_model_files` can re-check each one from the checkpoint's path alone."""
+    checkpoint, config = Path(checkpoint).resolve(), Path(config).resolve()
+    paths = [checkpoint] + sorted(p for p in config.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(({"path": Path(os.path.relpath(p, checkpoint.parent)).as_posix(), "sha256": sha256_file(p),
+                     "size": p.stat().st_size} for p in paths), key=lambda f: f["path"])
+    return ModelFiles(checkpoint, files, _tree_sha256(files))
+
+
+def resolve_source(source: str, base_dir: Path | None = None, revision: str | None = None, *, cache: bool = True) -> Path | str:
+    """A local folder or file (embedded:NAME, absolute or relative path); else a hub id, as the folder of its
+    snapshot in the local Hugging Face cache when it is there (``cache``), or as the id to download."""
     if source.startswith(EMBEDDED_PREFIX):
         from .world.assets import EMBEDDED_DIR
 
@@ -70,7 +85,55 @@ def resolve_source(source: str, base_dir: Path | None = None) -> Path | str:
     looks_like_path = source.startswith((".", "/", "~")) or os.sep in source.strip("/") and candidate.exists()
     if candidate.exists() or looks_like_path:
         return candidate.resolve()
+    if cache:
+        snapshot = cached_snapshot(source, revision)
+        if snapshot is not None:
+            return snapshot
     return source  # a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE, read when asked (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return value.strip().lower() in ("1", "true", "yes", "on") if value is not None else bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot folder of a hub model (``local_files_only``: nothing is fetched), or None when the cache
+    does not have it. Offline (HF_HUB_OFFLINE) a model missing from the cache is an error naming the cache."""
+    if not _HUB_ID.match(repo_id):
+        return None
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=True))
+    except Exception:  # huggingface_hub's "not in the cache" errors differ between versions
+        folder = None
+    if folder is not None and (folder / "model_index.json").exists():
+        return folder
+    if hub_offline():
+        raise ModelError(f"hub model {repo_id!r}{f' at revision {revision}' if revision else ''} is not in the local "
+                         "Hugging Face cache and HF_HUB_OFFLINE is set", file=str(cache), field="model.source",
+                         fix="download it where there is network access (huggingface-cli download ID) into this cache, "
+                             "set HF_HUB_CACHE to a cache that has it, or point model.source at a local folder")
+    return None
 
 
 def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
@@ -232,8 +295,11 @@ def check_tokenizers(pipe, where) -> None:
 
 
 def load_pipeline(source: str | Path, revision: str | None = None, allow_pickle: bool = False, base_dir: Path | None = None,
-                  *, device=None, dtype=None):
+                  *, device=None, dtype=None, config: Path | None = None):
     """Load any diffusers pipeline through DiffusionPipeline.from_pretrained, safetensors only by default.
+
+    A single-file checkpoint (a file, with ``config`` its local diffusers config folder) loads through
+    diffusers' ``from_single_file`` instead (:mod:`safeguard.singlefile`).
 
     ``device`` and ``dtype`` default to the configured ``--device``/``--dtype`` (:mod:`safeguard.runtime`):
     on the CPU the model computes in float32 whatever its files hold. Folders saved with a file variant
@@ -247,12 +313,14 @@ def load_pipeline(source: str | Path, revision: str | None = None, allow_pickle:
     runtime.apply_library_settings()
     from diffusers import DiffusionPipeline
 
-    where = resolve_source(str(source), base_dir) if not isinstance(source, Path) else source
+    where = resolve_source(str(source), base_dir, revision) if not isinstance(source, Path) else source
     with runtime.phase(f"loading the model {where}",
                        fix="check model.source; --device cpu --dtype float32 rules out the accelerator"):
         target = runtime.resolve_device(device) if not isinstance(device, torch.device) else device
         kwargs = {}
         stored = StoredFormat({})
+        if isinstance(where, Path) and where.is_file():
+            return _load_single_file(where, config, target, dtype, allow_pickle)
         if isinstance(where, Path):
             check_model_folder(where, allow_pickle)
             stored = stored_format(where)
@@ -278,6 +346,33 @@ def load_pipeline(source: str | Path, revision: str | None = None, allow_pickle:
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False)
+    with runtime.phase(f"moving the model to {target} ({str(compute).removeprefix('torch.')})",
+                       fix="--dtype float16 or --cpu-offload need less accelerator memory; --device cpu needs none"):
+        runtime.place_pipeline(pipe, target)
+    pipe._safeguard_stored = stored
+    return pipe
+
+
+def _load_single_file(checkpoint: Path, config: Path | None, target, dtype, allow_pickle: bool):
+    import torch
+
+    from . import runtime, singlefile
+
+    if config is None:
+        raise ModelError("a single-file checkpoint needs a config folder", file=str(checkpoint), field="model.config",
+                         fix="set model.config to a local diffusers folder of the same architecture (its weights are not needed)")
+    stored = StoredFormat({})
+    header_dtype = _safetensors_dtype([checkpoint]) if checkpoint.suffix == ".safetensors" else None
+    compute = dtype if isinstance(dtype, torch.dtype) else runtime.resolve_dtype(dtype, target, header_dtype)
+    pipe = singlefile.load_single_file(checkpoint, Path(config), dtype=compute, allow_pickle=allow_pickle)
+    if header_dtype:  # written back in the checkpoint's dtype, as folders are
+        stored = StoredFormat({name: header_dtype for name, module in pipe.components.items()
+                               if isinstance(module, torch.nn.Module)})
+    check_tokenizers(pipe, Path(config))
+    pipe.set_progress_bar_config(disable=True)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
     with runtime.phase(f"moving the model to {target} ({str(compute).removeprefix('torch.')})",
                        fix="--dtype float16 or --cpu-offload need less accelerator memory; --device cpu needs none"):
         runtime.place_pipeline(pipe, target)

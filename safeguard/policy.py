@@ -43,9 +43,13 @@ def _check_prompt(p: str) -> str:
 
 
 class ModelSpec(_Strict):
-    source: str = Field(description="'embedded:world-v1', a local diffusers folder, or a hub id")
+    source: str = Field(description="'embedded:world-v1', a local diffusers folder, a single-file checkpoint "
+                                    "(.safetensors, with model.config), or a hub id (read from the local Hugging Face "
+                                    "cache when it is there)")
     revision: str | None = None
     allow_pickle: bool = False
+    config: str | None = Field(None, description="for a single-file checkpoint: a local diffusers folder of the same "
+                                                 "architecture whose configs, tokenizers and scheduler it is loaded with")
 
 
 class EraserSpec(_Strict):
@@ -228,6 +232,8 @@ class OutputSpec(_Strict):
     evidence_dir: str | None = None
     lora: bool = Field(False, description="also write the edit as a LoRA adapter (dir/lora/pytorch_lora_weights.safetensors) "
                                           "that diffusers' load_lora_weights applies to the original model")
+    single_file: bool = Field(False, description="also write the edited model as one .safetensors file in the original "
+                                                 "(A1111/ComfyUI) layout, dir/<dir name>.safetensors; Stable Diffusion 1.x only")
 
 
 class Policy(_Strict):
