@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeguard import hookimpl
-from safeguard.erasers import BASIS_KINDS, EraseRequest, EraseResult, LayerEdit, replace_weight, validated_params
+from safeguard.erasers import BASIS_KINDS, EraseRequest, EraseResult, LayerEdit, editable_layers, replace_weight, validated_params
 
 
 class PureParams(BaseModel):
@@ -265,21 +265,16 @@ class PureEraser:
     def erase(self, pipe, request: EraseRequest, params: PureParams | dict | None = None) -> EraseResult:
         import torch
 
-        from safeguard.attention import cross_attention_modules, denoiser_of
-
         params = validated_params(self, params)
         started = time.perf_counter()
 
-        forget_prompts = list(dict.fromkeys(p for c in request.concepts for p in c.forget_prompts))
+        forget_prompts = request.all_forget_prompts
         retain_prompts = request.all_retain_prompts
         if not forget_prompts:
             raise ValueError("PURE needs at least one forget prompt")
         check_prompts(forget_prompts, retain_prompts)
 
-        denoiser = denoiser_of(pipe)
-        layers = cross_attention_modules(denoiser)
-        if not layers:
-            raise ValueError(f"{type(denoiser).__name__} has no cross-attention layers to edit")
+        denoiser, layers = editable_layers(pipe)
 
         capture = dict(steps=params.steps, seeds=params.seeds, guidance_scale=params.guidance_scale,
                        batch_size=params.batch_size, seed=request.seed)

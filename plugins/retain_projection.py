@@ -33,7 +33,7 @@ from safeguard.builtin.pure import (
     project_layer,
     subspace_basis,
 )
-from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, validated_params
+from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, editable_layers, validated_params
 
 
 class RetainProjectionParams(BaseModel):
@@ -59,22 +59,17 @@ class RetainProjectionEraser:
     def erase(self, pipe, request: EraseRequest, params: RetainProjectionParams | dict | None = None) -> EraseResult:
         import torch
 
-        from safeguard.attention import cross_attention_modules, denoiser_of
-
         params = validated_params(self, params)
         started = time.perf_counter()
 
-        forget_prompts = list(dict.fromkeys(p for c in request.concepts for p in c.forget_prompts))
+        forget_prompts = request.all_forget_prompts
         retain_prompts = request.all_retain_prompts
         if not retain_prompts:
             raise ValueError("retain_projection needs retain prompts (neighbours or keep): with none it would "
                              "remove every key and value")
         check_prompts(forget_prompts, retain_prompts)
 
-        denoiser = denoiser_of(pipe)
-        layers = cross_attention_modules(denoiser)
-        if not layers:
-            raise ValueError(f"{type(denoiser).__name__} has no cross-attention layers to edit")
+        denoiser, layers = editable_layers(pipe)
 
         H_R = capture_rows(pipe, retain_prompts, steps=params.steps, seeds=params.seeds,
                            guidance_scale=params.guidance_scale, batch_size=params.batch_size, seed=request.seed)

@@ -50,7 +50,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeguard import hookimpl
-from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, replace_weight, validated_params
+from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, editable_layers, replace_weight, validated_params
 
 STYLE_GUIDE = "art"  # the reference's guide for artistic styles
 DEFAULT_GUIDE = " "  # the reference's guide otherwise (and what it makes of an empty guide)
@@ -182,15 +182,12 @@ class UceEraser:
     def erase(self, pipe, request: EraseRequest, params: UceParams | dict | None = None) -> EraseResult:
         import torch
 
-        from safeguard.attention import cross_attention_context, cross_attention_modules, denoiser_of
+        from safeguard.attention import cross_attention_context
 
         params = validated_params(self, params)
         started = time.perf_counter()
 
-        denoiser = denoiser_of(pipe)
-        layers = cross_attention_modules(denoiser)
-        if not layers:
-            raise ValueError(f"{type(denoiser).__name__} has no cross-attention layers to edit")
+        denoiser, layers = editable_layers(pipe)
         tokenizers = _tokenizers(pipe)
         if not tokenizers:
             raise TypeError(f"{type(pipe).__name__} has no tokenizer")

@@ -40,6 +40,11 @@ class EraseRequest:
     seed: int = 0  # first seed of any latents the eraser draws (probes start at a disjoint seed)
 
     @property
+    def all_forget_prompts(self) -> list[str]:
+        """Every concept's forget prompts, once each, in order."""
+        return list(dict.fromkeys(p for c in self.concepts for p in c.forget_prompts))
+
+    @property
     def all_retain_prompts(self) -> list[str]:
         """The keep prompts and every concept's neighbour prompts, once each, in order."""
         seen, out = set(), []

@@ -9,8 +9,8 @@ from typing import Any
 
 from .contracts import ConceptRequest, EraseRequest, EraseResult, LayerEdit
 
-__all__ = ["BASIS_KINDS", "ConceptRequest", "EraseRequest", "EraseResult", "LayerEdit", "edit_bases", "replace_weight",
-           "validated_params"]
+__all__ = ["BASIS_KINDS", "ConceptRequest", "EraseRequest", "EraseResult", "LayerEdit", "edit_bases",
+           "editable_layers", "replace_weight", "validated_params"]
 
 
 # The bases a projection eraser used, per layer: the forget basis V_F, the retain basis V_R and the
@@ -48,3 +48,14 @@ def validated_params(eraser, params):
     if isinstance(params, eraser.Params):
         return params
     return eraser.Params.model_validate(params or {})
+
+
+def editable_layers(pipe) -> tuple[Any, dict[str, Any]]:
+    """(the denoiser, ``{module path: Attention}`` of its cross-attention layers); refuses a denoiser with none."""
+    from .attention import cross_attention_modules, denoiser_of
+
+    denoiser = denoiser_of(pipe)
+    layers = cross_attention_modules(denoiser)
+    if not layers:
+        raise ValueError(f"{type(denoiser).__name__} has no cross-attention layers to edit")
+    return denoiser, layers
