@@ -6,7 +6,6 @@ only when complete, so an interrupted write never leaves a partial model at the 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -17,6 +16,8 @@ from pathlib import Path
 
 from .errors import ModelError
 from .faults import crash_point
+from .files import sha256_file  # noqa: F401  (re-exported: plugins hash weight files with it)
+from .files import tree_sha256 as _tree_sha256
 
 EDIT_TENSORS = "safeguard_edit.safetensors"  # original values of every tensor an edit changed
 EDIT_RECORD = "safeguard_edit.json"  # what was done, by which run, and the model's lineage
@@ -34,14 +35,6 @@ class ModelFiles:
     tree_sha256: str
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hash_model_folder(root: Path) -> ModelFiles:
     """Hidden files and the model card at the top (``README.md``, rewritten when a verdict is recorded) are
     not model content and are left out."""
@@ -51,10 +44,6 @@ def hash_model_folder(root: Path) -> ModelFiles:
         if p.is_file() and not p.name.startswith(".") and p.relative_to(root).as_posix() != MODEL_CARD:
             files.append({"path": p.relative_to(root).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size})
     return ModelFiles(root, files, _tree_sha256(files))
-
-
-def _tree_sha256(files: list[dict]) -> str:
-    return hashlib.sha256("\n".join(f"{f['path']} {f['sha256']}" for f in files).encode()).hexdigest()
 
 
 def hash_single_file(checkpoint: Path, config: Path) -> ModelFiles:

@@ -6,7 +6,6 @@ probe the result and which leakage is acceptable. See policies/reference-sd15.ya
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
