@@ -36,6 +36,7 @@ __all__ = [
     "capture_per_prompt",
     "capture_prompt_activations",
     "capturing_cross_attention",
+    "check_editable",
     "cross_attention_context",
     "cross_attention_modules",
     "denoiser_of",
@@ -72,6 +73,31 @@ def cross_attention_modules(denoiser: torch.nn.Module) -> dict[str, Attention]:
         ):
             modules[path] = module
     return modules
+
+
+def check_editable(denoiser: torch.nn.Module) -> None:
+    """Refuse, in one line, a denoiser without cross-attention layers to edit.
+
+    MMDiT transformers (Stable Diffusion 3, Flux) have none: their joint attention runs over one sequence of text
+    and image tokens, text keys and values from ``add_k_proj``/``add_v_proj`` and image ones from ``to_k``/``to_v``,
+    and every block also rewrites the text tokens from the image. No projection there turns only the prompt into
+    the keys and values the image reads, which is what the closed-form edits of ``to_k``/``to_v`` rely on.
+    """
+    from .errors import ModelError
+
+    processors = getattr(denoiser, "attn_processors", None) or {}
+    if processors and cross_attention_modules(denoiser):
+        return
+    name = type(denoiser).__name__
+    joint = any(getattr(denoiser.get_submodule(key.removesuffix(".processor")), "add_k_proj", None) is not None
+                for key in processors)
+    if joint:
+        raise ModelError(f"{name} is an MMDiT (joint attention, as in Stable Diffusion 3 and Flux) and is not supported: "
+                         "text and image tokens share one attention, so there are no separate text-conditioned keys and "
+                         "values (a cross-attention's to_k/to_v) to project", field="model.source",
+                         fix="use a model whose denoiser has cross-attention: SD1.x/2.x, SDXL or PixArt")
+    raise ModelError(f"{name} has no cross-attention layers, so there are no text-conditioned keys and values to edit",
+                     field="model.source", fix="use a model whose denoiser has cross-attention: SD1.x/2.x, SDXL or PixArt")
 
 
 def cross_attention_context(denoiser: torch.nn.Module, prompt_embeds: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,9 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
             input_files, input_model_id = None, db.record_model(source, policy.model.revision, "input", [], None)
         pipe = modelio.load_pipeline(source, policy.model.revision, allow_pickle or policy.model.allow_pickle, config=config)
         crash_point("apply:after-load")
+        from .attention import check_editable, denoiser_of
+
+        check_editable(denoiser_of(pipe))  # MMDiT (SD3, Flux): one line saying why, before any capture
         want_lora = policy.output.lora if lora is None else lora
         if want_lora:
             from . import lora as lora_export
