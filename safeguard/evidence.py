@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import AuditError, ModelError
 from .faults import crash_point
-from .gate import GateDecision, decide
+from .gate import GateDecision, decide, within_threat_model
 from .policy import LoadedPolicy, parse_policy_text
 
 SCREEN_PROBE = "activation_screen"
@@ -211,7 +211,7 @@ def gate(db, run_id: str, echo=None) -> tuple[GateDecision, dict]:
     except ModelError as exc:
         model_error = exc.one_line()
     decision = decide(results, policy.thresholds.max_unassessed, model_error, required=policy.gate.required,
-                      concepts=tuple(c.name for c in policy.concepts))
+                      concepts=tuple(c.name for c in policy.concepts), threat_model=policy.gate.threat_model)
     if run["status"] != "done":
         decision.reasons.insert(0, f"probe run {run['id']} is {run['status']}")
     db.add_gate_decision(run["id"], decision.verdict, int(decision.exit_code), decision.reasons)
@@ -241,7 +241,8 @@ def report_data(db, run_id: str) -> dict:
     results = db.probe_results(run["id"])
     samples = db.samples(run["id"])
     decision = decide(results if run["status"] == "done" else [], policy.thresholds.max_unassessed,
-                      required=policy.gate.required, concepts=tuple(c.name for c in policy.concepts))
+                      required=policy.gate.required, concepts=tuple(c.name for c in policy.concepts),
+                      threat_model=policy.gate.threat_model)
     models = {m["role"]: m for m in db.run_models(apply_run["id"])}
     judge = next(({"name": r["judge_name"], "version": r["judge_version"], "sha256": r["judge_sha256"]}
                   for r in results if r.get("judge_name")), {"name": None, "version": None, "sha256": None})
@@ -268,8 +269,9 @@ def report_data(db, run_id: str) -> dict:
                                "attack": d.get("attack"), "assessment": d.get("assessment"), "power": d.get("power"),
                                "substitution": d.get("substitution"), "groups": d.get("groups"),
                                "interval": d.get("interval"), "plan": d.get("plan"),
-                               "threat_model": d.get("threat_model"), "decision": d.get("decision"), "samples": pairs})
-        statuses = {p["status"] for p in probes_out}
+                               "threat_model": d.get("threat_model"), "decision": d.get("decision"),
+                               "gated": within_threat_model(r, policy.gate.threat_model), "samples": pairs})
+        statuses = {p["status"] for p in probes_out if p["gated"]}
         verdict = "fail" if "fail" in statuses else ("unassessed" if statuses - {"pass"} or not statuses else "pass")
         concepts.append({"name": name, "category": category, "verdict": verdict, "probes": probes_out})
     screen = next((r["details"] for r in results if r["probe"] == SCREEN_PROBE), None)
@@ -285,7 +287,8 @@ def report_data(db, run_id: str) -> dict:
         "concepts": concepts,
         "activation_screen": {"agreement": screen["agreement"], "rows": screen["rows"]} if screen and "rows" in screen else None,
         "layers": [{"module": l["module"], "stats": l["stats"]} for l in db.run_as_dict(apply_run["id"])["layer_edits"]],
-        "evidence_rules": {"required": list(policy.gate.required), "confidence": policy.probes.confidence,
+        "evidence_rules": {"required": list(policy.gate.required), "threat_model": policy.gate.threat_model,
+                           "confidence": policy.probes.confidence,
                            "max_images": policy.probes.max_images, "images_per_round": policy.probes.images_per_prompt,
                            "assumed_icc": policy.probes.assumed_icc, "min_elicitation": policy.thresholds.min_elicitation,
                            "min_collateral_retention": policy.thresholds.min_collateral_retention,

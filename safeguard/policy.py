@@ -167,6 +167,10 @@ class ProbeSettings(_Strict):
     steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float = Field(5.0, ge=0, le=50)
     seed: int = Field(1000, ge=0, description="first probe seed; capture seeds of the eraser must not reach it")
+    height: int | None = Field(None, ge=8, le=8192, description="probe (and attack) resolution in pixels, a multiple of 8; "
+                                                              "null: the model's native size")
+    width: int | None = Field(None, ge=8, le=8192, description="probe (and attack) resolution in pixels, a multiple of 8; "
+                                                             "null: the model's native size")
     batch_size: int = Field(16, ge=1, le=1024)
     replay_files: tuple[str, ...] = ()
     attack_budget: int = Field(40, ge=1, le=100000, description="optimiser steps of the soft-prompt attack (Ring-A-Bell "
@@ -181,6 +185,14 @@ class ProbeSettings(_Strict):
     uda_tokens: int = Field(5, ge=1, le=64, description="UnlearnDiffAtk: prefix tokens before the concept prompt")
     uda_lr: float = Field(3.0, gt=0, le=100, description="UnlearnDiffAtk: Adam step, in units of the RMS of the "
                                                          "token embeddings")
+
+
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, v):
+        if v is not None and v % 8:
+            raise ValueError(f"{v} is not a multiple of 8 pixels (the VAE's downsampling)")
+        return v
 
 
 class JudgeSpec(_Strict):
@@ -224,6 +236,12 @@ REQUIRED_EVIDENCE = ("canonical", "paraphrase", "collateral", "keep", "attack")
 class GateSpec(_Strict):
     # "attack" is met by any attack probe; every other entry names a probe kind that must have been measured.
     required: tuple[str, ...] = Field(REQUIRED_EVIDENCE, description="probe kinds the gate needs before it can pass")
+    # What the attacker is assumed to control. "text": prompts only (canonical, paraphrase and discrete attacks
+    # whose output is a prompt); "weights": also the model's weights, so embedding-space attacks (soft prompt,
+    # RECE) count. Attacks outside the declared model are still run and shown, never gated.
+    threat_model: Literal["text", "weights"] = Field(
+        "weights", description="text: the attacker writes prompts only; weights: the attacker also has the weights "
+                               "(embedding-space attacks are gated too)")
 
 
 class OutputSpec(_Strict):

@@ -54,7 +54,7 @@ _OPTIONAL = {
     "policy": ("canonical_json", "text"),
     "verdict": ("reasons",),
     "probe": ("original", "retention", "retention_low", "retention_high", "similarity", "error", "attack", "samples",
-              "assessment", "power", "substitution", "groups", "interval", "plan", "threat_model", "decision"),
+              "assessment", "power", "substitution", "groups", "interval", "plan", "threat_model", "decision", "gated"),
     "attack": ("prompt", "embedding_tokens", "init_prompt", "steps_used", "score"),
     "image": ("label", "score"),
     "apply_run": ("id", "eraser_name", "eraser_version", "eraser_params", "stats"),

@@ -133,3 +133,32 @@ def test_a_policy_that_probes_only_canonical_is_incomplete_evidence():
     gap = complete[:-1] + [_row("ring_a_bell", status="unassessed", attack_probe=True)]
     assert decide(gap, 5, required=required, concepts=("c",)).exit_code == ExitCode.UNASSESSED
     assert "attack (none assessed for c)" in missing_evidence(gap, required, ("c",))
+
+
+def _attack_row(probe, threat_model, status):
+    return {"concept": "C", "probe": probe, "status": status, "n": 16, "rate": 0.6, "ci_low": 0.4, "ci_high": 0.8,
+            "threshold": 0.2, "details": {"kind": "target", "attack_probe": True, "threat_model": threat_model}}
+
+
+def _plain_row(probe, status="pass"):
+    return {"concept": "C", "probe": probe, "status": status, "n": 16, "rate": 0.0, "ci_low": 0.0, "ci_high": 0.1,
+            "threshold": 0.2, "details": {"kind": "target"}}
+
+
+def test_the_gate_judges_the_declared_threat_model():
+    results = [_plain_row("canonical"), _attack_row("ring_a_bell", "text", "pass"),
+               _attack_row("soft_prompt", "weights", "fail")]
+    # An attacker with the weights recovers the concept: that fails a release whose threat model grants them ...
+    weights = decide(results, 0, required=("canonical", "attack"), concepts=("C",), threat_model="weights")
+    assert weights.exit_code == ExitCode.LEAKAGE
+    # ... and is shown, not gated, when the policy declares a prompt-only attacker.
+    text = decide(results, 0, required=("canonical", "attack"), concepts=("C",), threat_model="text")
+    assert text.exit_code == ExitCode.PASS
+    assert any("not gated under the text threat model: soft_prompt" in r for r in text.reasons)
+
+
+def test_an_attack_outside_the_threat_model_cannot_meet_the_attack_requirement():
+    results = [_plain_row("canonical"), _attack_row("soft_prompt", "weights", "pass")]
+    decision = decide(results, 0, required=("canonical", "attack"), concepts=("C",), threat_model="text")
+    assert decision.exit_code == ExitCode.UNASSESSED
+    assert "attack (not probed)" in decision.reasons[0]

@@ -453,7 +453,8 @@ def test_report_shows_the_evidence_rules_power_substitution_and_collateral_group
     data = copy.deepcopy(data)
     data["evidence_rules"] = {"required": ["canonical", "paraphrase", "collateral", "keep", "attack"], "confidence": 0.95,
                               "max_images": 64, "images_per_round": 2, "assumed_icc": 0.2, "min_elicitation": 0.5,
-                              "min_collateral_retention": 0.9, "max_substitution": 0.5, "operator": "retain_projection"}
+                              "min_collateral_retention": 0.9, "max_substitution": 0.5, "operator": "retain_projection",
+                              "threat_model": "text"}
     target = data["concepts"][0]["probes"][0]
     target.update(assessment="uninformative", status="unassessed", power=0.25, error="uninformative: only 0.25",
                   substitution={"labels": {"Piet Mondrian": 12, "plain": 4}, "into_protected": 12, "rate": 0.75,
@@ -472,3 +473,4 @@ def test_report_shows_the_evidence_rules_power_substitution_and_collateral_group
     assert "UNINFORMATIVE" in text and "Piet Mondrian 12" in text
     assert "Albert Einstein" in text and "CONSISTENT" in text and "Outside the policy" in text
     assert "Failed because" in text and "Albert Einstein: retention 0.00 is below 0.90" in text
+    assert "Threat model: text" in text and "attacks that need the weights (embedding-space) are shown and not gated" in text
