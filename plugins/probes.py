@@ -102,13 +102,16 @@ def _neutral_pairs(concept) -> tuple[list[str], list[str]]:
 
 def _original_latents(ctx, prompts, seed_offset: int):
     """The original model's latents for ``prompts``, one seed each from ``seed_offset`` on (kept disjoint
-    from the probe seeds, so the attack never sees the images it is judged on)."""
+    from the probe seeds, so the attack never sees the images it is judged on), at the probe resolution."""
     import torch
+
+    from safeguard.probing import size_kwargs
 
     out = []
     for k, prompt in enumerate(prompts):
         result = ctx.original(prompt=prompt, num_inference_steps=ctx.settings.steps, guidance_scale=ctx.settings.guidance_scale,
-                              generator=torch.Generator().manual_seed(seed_offset + k), output_type="latent")
+                              generator=torch.Generator().manual_seed(seed_offset + k), output_type="latent",
+                              **size_kwargs(ctx.settings))
         out.append(result.images)
     return torch.cat(out)
 

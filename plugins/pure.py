@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from safeguard import hookimpl
 from safeguard.erasers import BASIS_KINDS, EraseRequest, EraseResult, LayerEdit, editable_layers, replace_weight, validated_params
@@ -60,6 +60,15 @@ class PureParams(BaseModel):
     center: bool = Field(False, description="subtract the row mean before the SVD (the method is uncentred)")
     max_rank: int | None = Field(None, ge=1, description="upper bound on each basis' rank")
     batch_size: int = Field(8, ge=1, description="prompts per pipeline call during capture")
+    height: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the "
+                                                   "model's native size. Lower is faster on a CPU")
+    width: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the model's "
+                                                  "native size")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, value):
+        return check_size(value)
 
 
 # ------------------------------------------------------------------------------------------------- math
@@ -233,13 +242,22 @@ def check_prompts(forget_prompts, retain_prompts) -> None:
         raise ValueError(f"prompts both forgotten and retained: {both}")
 
 
-def capture_rows(pipe, prompts, *, steps: int, seeds: int, guidance_scale: float, batch_size: int, seed: int):
+def check_size(value: int | None) -> int | None:
+    """A capture or probe resolution: None (the model's native size) or a multiple of 8 pixels."""
+    if value is not None and value % 8:
+        raise ValueError(f"{value} is not a multiple of 8 pixels (the VAE's downsampling)")
+    return value
+
+
+def capture_rows(pipe, prompts, *, steps: int, seeds: int, guidance_scale: float, batch_size: int, seed: int,
+                 height: int | None = None, width: int | None = None):
     """Per-layer activation rows of ``prompts`` (see :func:`safeguard.attention.capture_activations`), from
-    ``seeds`` starting latents seeded ``seed``, ``seed + 1``, ..."""
+    ``seeds`` starting latents seeded ``seed``, ``seed + 1``, ..., at ``height`` x ``width`` pixels (None: the
+    pipeline's default, the model's native size)."""
     from safeguard.attention import capture_activations
 
     return capture_activations(pipe, prompts, steps=steps, seeds=[seed + i for i in range(seeds)],
-                               guidance_scale=guidance_scale, batch_size=batch_size)
+                               guidance_scale=guidance_scale, batch_size=batch_size, height=height, width=width)
 
 
 def project_layer(attn, path: str, E, *, originals: dict[str, Any], stats: dict[str, Any]) -> None:
@@ -277,7 +295,7 @@ class PureEraser:
         denoiser, layers = editable_layers(pipe)
 
         capture = dict(steps=params.steps, seeds=params.seeds, guidance_scale=params.guidance_scale,
-                       batch_size=params.batch_size, seed=request.seed)
+                       batch_size=params.batch_size, seed=request.seed, height=params.height, width=params.width)
         H_F = capture_rows(pipe, forget_prompts, **capture)
         H_R = capture_rows(pipe, retain_prompts, **capture) if retain_prompts else {}
         capture_seconds = time.perf_counter() - started

@@ -21,12 +21,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from safeguard import hookimpl
 from safeguard.builtin.pure import (
     bases_artefacts,
     capture_rows,
+    check_size,
     check_prompts,
     explained_variance,
     layer_bases,
@@ -47,6 +48,15 @@ class RetainProjectionParams(BaseModel):
     seeds: int = Field(2, ge=1, description="starting latents per anchor (seeds request.seed, request.seed + 1, ...)")
     guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance during capture; rows come from the conditional branch")
     batch_size: int = Field(8, ge=1, description="prompts per pipeline call during capture")
+    height: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the "
+                                                   "model's native size")
+    width: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the model's "
+                                                  "native size")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, value):
+        return check_size(value)
 
 
 class RetainProjectionEraser:
@@ -72,7 +82,8 @@ class RetainProjectionEraser:
         denoiser, layers = editable_layers(pipe)
 
         H_R = capture_rows(pipe, retain_prompts, steps=params.steps, seeds=params.seeds,
-                           guidance_scale=params.guidance_scale, batch_size=params.batch_size, seed=request.seed)
+                           guidance_scale=params.guidance_scale, batch_size=params.batch_size, seed=request.seed,
+                           height=params.height, width=params.width)
         capture_seconds = time.perf_counter() - started
 
         edits: list[LayerEdit] = []

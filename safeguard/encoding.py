@@ -57,14 +57,15 @@ def encode_prompts(pipe, prompts: Sequence[str], *, with_negative: bool = False,
 
 
 def render_embeddings(pipe, prompt_embeds, *, seeds: Sequence[int], steps: int, guidance_scale: float,
-                      pooled_prompt_embeds=None, batch_size: int | None = None) -> list:
+                      pooled_prompt_embeds=None, batch_size: int | None = None, height: int | None = None,
+                      width: int | None = None) -> list:
     """Render a continuous context ``[1, L, D]`` once per seed, each seed as ``pipe(..., generator=seed)`` would.
 
     The unconditional branch is the pipeline's own default (the empty prompt's embedding, or zeros where the
     pipeline forces them), so the images differ from a prompt render only by the context. SDXL-style
     pipelines also need ``pooled_prompt_embeds`` (attack results carry the prompt's own). Generators live
     on the CPU, so a seed starts from the same latent on every device; ``batch_size`` bounds the images
-    per pipeline call.
+    per pipeline call; ``height`` and ``width`` (None: the model's native size) the resolution.
     """
     import torch
 
@@ -81,12 +82,12 @@ def render_embeddings(pipe, prompt_embeds, *, seeds: Sequence[int], steps: int, 
     if list(prompt_embeds.shape) != expected:
         raise ValueError(f"prompt_embeds must be {expected} for this pipeline, got {list(prompt_embeds.shape)}")
     device, dtype = execution_device(pipe), unconditional.negative.dtype
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     if "pooled_prompt_embeds" in params:
         if pooled_prompt_embeds is None:
             raise ValueError(f"{type(pipe).__name__} needs pooled_prompt_embeds as well")
-        kwargs = {"pooled_prompt_embeds": pooled_prompt_embeds.to(device, dtype),
-                  "negative_pooled_prompt_embeds": unconditional.negative_pooled}
+        kwargs.update(pooled_prompt_embeds=pooled_prompt_embeds.to(device, dtype),
+                      negative_pooled_prompt_embeds=unconditional.negative_pooled)
     images = []
     step = batch_size or len(seeds)
     for start in range(0, len(seeds), step):

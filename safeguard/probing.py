@@ -22,6 +22,12 @@ from .policy import Policy
 from .stats import roc_auc
 
 
+def size_kwargs(settings) -> dict:
+    """``height``/``width`` for a pipeline call from probe settings (``probes.height``/``width``); none when they
+    are unset, so the pipeline renders at the model's native size."""
+    return {k: v for k in ("height", "width") if (v := getattr(settings, k, None)) is not None}
+
+
 def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[list]:
     """Images for every case and seed, batched; per-image generators make original and edited comparable.
 
@@ -39,14 +45,15 @@ def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[lis
     for start in range(0, len(text_jobs), settings.batch_size):
         chunk = text_jobs[start:start + settings.batch_size]
         images = pipe(prompt=[cases[i].prompt for i, _ in chunk], num_inference_steps=settings.steps,
-                      guidance_scale=settings.guidance_scale,
+                      guidance_scale=settings.guidance_scale, **size_kwargs(settings),
                       generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]).images
         results.update(zip(chunk, images))
     for i in dict.fromkeys(i for i, _ in embed_jobs):
         case = cases[i]
         images = render_embeddings(pipe, case.prompt_embeds, seeds=seeds, steps=settings.steps,
                                    guidance_scale=settings.guidance_scale,
-                                   pooled_prompt_embeds=case.pooled_prompt_embeds, batch_size=settings.batch_size)
+                                   pooled_prompt_embeds=case.pooled_prompt_embeds, batch_size=settings.batch_size,
+                                   **size_kwargs(settings))
         results.update(((i, s), image) for s, image in zip(seeds, images))
     for (i, s) in jobs:
         out[i].append(results[(i, s)])

@@ -30,7 +30,8 @@ def test_registered_with_its_own_params():
 
     assert get_erasers()["retain_projection"] is RetainProjectionEraser
     assert contract_gaps("eraser", RetainProjectionEraser) == [] and RetainProjectionEraser.version
-    assert set(RetainProjectionParams.model_fields) == {"tau_retain", "steps", "seeds", "guidance_scale", "batch_size"}
+    assert set(RetainProjectionParams.model_fields) == {"tau_retain", "steps", "seeds", "guidance_scale", "batch_size",
+                                                        "height", "width"}
     for bad in ({"tau_retain": 0}, {"tau_retain": 1.5}, {"steps": 0}, {"tau_forget": 1.0}, {"tau": 0.9}):
         with pytest.raises(ValidationError):
             RetainProjectionParams(**bad)
