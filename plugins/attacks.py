@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safeguard.attention import cross_attention_modules, denoiser_of
 from safeguard.encoding import EncodedPrompts, encode_prompts
 from safeguard.errors import ModelError
+from safeguard.runtime import track
 
 ENCODE_CHUNK = 64  # prompts per text-encoder batch during the genetic search
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -247,7 +248,7 @@ def ring_a_bell(pipe, concept_prompts: Sequence[str], neutral_prompts: Sequence[
         return genomes[contenders[np.argmax(fitness[contenders])]]
 
     history: list[float] = []
-    for _ in range(budget):
+    for _ in track(range(budget), "attack Ring-A-Bell: generations"):
         order = np.argsort(-fitness, kind="stable")
         genomes, fitness = genomes[order], fitness[order]
         children = np.empty((population - elite, length), dtype=genomes.dtype)
@@ -399,7 +400,7 @@ def soft_prompt_attack(pipe, target_latents: torch.Tensor, *, init_prompt: str, 
         loss_before = evaluation_loss()
         optimiser = torch.optim.Adam([learned], lr=lr)
         with torch.enable_grad():
-            for _ in range(budget):
+            for _ in track(range(budget), "attack soft prompt: optimiser steps"):
                 loss = loss_at(learned, *draw())
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -550,7 +551,7 @@ def unlearn_diff_attack(pipe, target_latents: torch.Tensor, prompt: str, *, n_to
     history: list[float] = []
     visited: dict[tuple[int, ...], None] = {tuple(int(i) for i in start): None}
     with _frozen(*pipe.components.values()):
-        for _ in range(budget):
+        for _ in track(range(budget), "attack UnlearnDiffAtk: iterations"):
             prefix = nearest()
             visited.setdefault(tuple(prefix), None)
             # Straight-through: the forward pass sees exactly the tokens' embeddings, the gradient reaches

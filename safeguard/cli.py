@@ -61,6 +61,9 @@ def _global_options(*, command: bool) -> list[click.Option]:
                      help="Show the model libraries' logs, warnings and progress bars (-vv: their info logs too).", **common),
         click.Option(["-q", "--quiet"], is_flag=True, callback=_setting("quiet"),
                      help="No progress display on stderr (it is off anyway when stderr is not a terminal).", **common),
+        click.Option(["--progress"], is_flag=True, envvar=env("SAFEGUARD_PROGRESS"), callback=_setting("progress"),
+                     help="Show the progress display (counts, elapsed, ETA) even when stderr is not a terminal or CI is "
+                          "set: a line every 10 s, for logs.", **common),
         click.Option(["--debug"], is_flag=True, envvar=env("SAFEGUARD_DEBUG"), callback=_setting("debug"),
                      help="Show the full traceback of unexpected errors instead of one line.", **common),
     ]

@@ -28,8 +28,9 @@ def size_kwargs(settings) -> dict:
     return {k: v for k in ("height", "width") if (v := getattr(settings, k, None)) is not None}
 
 
-def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[list]:
+def render(pipe, cases: list[ProbeCase], seeds: list[int], settings, on_images=None) -> list[list]:
     """Images for every case and seed, batched; per-image generators make original and edited comparable.
+    ``on_images(n)`` hears each batch of ``n`` images as it is done (a progress display).
 
     Generators live on the CPU whatever device the pipeline runs on, so a seed starts from the same latent
     on every device."""
@@ -48,6 +49,8 @@ def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[lis
                       guidance_scale=settings.guidance_scale, **size_kwargs(settings),
                       generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]).images
         results.update(zip(chunk, images))
+        if on_images is not None:
+            on_images(len(chunk))
     for i in dict.fromkeys(i for i, _ in embed_jobs):
         case = cases[i]
         images = render_embeddings(pipe, case.prompt_embeds, seeds=seeds, steps=settings.steps,
@@ -55,6 +58,8 @@ def render(pipe, cases: list[ProbeCase], seeds: list[int], settings) -> list[lis
                                    pooled_prompt_embeds=case.pooled_prompt_embeds, batch_size=settings.batch_size,
                                    **size_kwargs(settings))
         results.update(((i, s), image) for s, image in zip(seeds, images))
+        if on_images is not None:
+            on_images(len(seeds))
     for (i, s) in jobs:
         out[i].append(results[(i, s)])
     return out
@@ -225,6 +230,7 @@ def run_probe(ctx: ProbeContext, db, run_id: str, concept, probe_cls, evidence_d
     settings = ctx.settings
     concept_name = concept.name if concept is not None else POLICY_SCOPE
     t0 = time.perf_counter()
+    shown = None
     try:
         generated = probe_cls().cases(ctx, concept)
         if not generated.cases:
@@ -235,17 +241,24 @@ def run_probe(ctx: ProbeContext, db, run_id: str, concept, probe_cls, evidence_d
         rule = rule_for(ctx.policy.policy, probe_cls, concept)
         recorded = [s for s in db.samples(run_id) if s["probe"] == probe_cls.name and s["concept"] == concept_name]
         decided: dict[str | None, int] = {}
+        from .runtime import Progress
+
+        # At most every planned round on both models; a probe that decides early stops short of it.
+        shown = Progress(f"probe {concept_name} / {probe_cls.name}: images",
+                         2 * sum(len(groups[g]) * per_round * plan[g] for g in groups))
+        shown.done = len(recorded)
         for look in range(max(plan.values())):
             active = [g for g in groups if g not in decided and look < plan[g]]
             if not active:
                 break
             seeds = [settings.seed + look * per_round + j for j in range(per_round)]
             recorded += _render_round(ctx, db, run_id, probe_cls.name, concept_name,
-                                      [c for g in active for c in groups[g]], seeds, recorded, evidence_dir)
+                                      [c for g in active for c in groups[g]], seeds, recorded, evidence_dir, shown)
             verdict = decide_groups(rule, recorded, plan, final_look=look + 1)
             for g in active:
                 if verdict["groups"][g]["status"] != "undecided" or verdict["status"] != "undecided":
                     decided[g] = look + 1
+        shown.close()
         details = {"attack": generated.attack, "seconds": round(time.perf_counter() - t0, 2),
                    "prompts": len(generated.cases), "images_per_round": per_round, "first_seed": settings.seed,
                    "plan": [{"group": g, "looks": plan[g], "looks_used": decided.get(g, plan[g])} for g in groups],
@@ -256,20 +269,23 @@ def run_probe(ctx: ProbeContext, db, run_id: str, concept, probe_cls, evidence_d
              f"({details['seconds']}s)")
         return ProbeOutcome(concept_name, probe_cls.name, probe_cls.kind, "measured", details=details)
     except Exception as exc:  # a failing probe or judge must not take the run down, and must not pass
+        if shown is not None:
+            shown.close()
         echo(f"  {concept_name} / {probe_cls.name}: unassessed ({type(exc).__name__}: {exc})")
         return ProbeOutcome(concept_name, probe_cls.name, probe_cls.kind, "unassessed",
                             f"{type(exc).__name__}: {exc}"[:1000], {"traceback": traceback.format_exc()[-4000:]})
 
 
-def _render_round(ctx, db, run_id, probe, concept_name, cases, seeds, recorded, evidence_dir) -> list[dict]:
-    """Render, judge and record ``cases`` x ``seeds`` on both models, skipping what is recorded already."""
+def _render_round(ctx, db, run_id, probe, concept_name, cases, seeds, recorded, evidence_dir, shown=None) -> list[dict]:
+    """Render, judge and record ``cases`` x ``seeds`` on both models, skipping what is recorded already;
+    ``shown`` (a :class:`safeguard.runtime.Progress`) counts the images rendered."""
     done = {(s["model_role"], s["prompt"], s["seed"]) for s in recorded}
     new_rows = []
     for role, pipe in (("original", ctx.original), ("edited", ctx.edited)):
         todo = [c for c in cases if any((role, c.prompt, s) not in done for s in seeds)]
         if not todo:
             continue
-        images = render(pipe, todo, seeds, ctx.settings)
+        images = render(pipe, todo, seeds, ctx.settings, on_images=shown.advance if shown is not None else None)
         rows = []
         for case, per_seed in zip(todo, images):
             probs, _ = ctx.judge.classify(per_seed, case.label_texts)

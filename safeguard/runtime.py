@@ -6,8 +6,9 @@
 - diffusers' memory modes (model CPU offload, attention slicing), applied when a pipeline is loaded;
 - library verbosity: at the default verbosity the load reports, warnings and progress bars of transformers,
   diffusers, huggingface_hub and open_clip are silenced with the libraries' own switches; ``-v`` restores them;
-- one progress line on stderr for long phases (off with ``--quiet``, off when stderr is not a terminal or
-  ``CI`` is set);
+- one progress display on stderr for every long phase (capture, each probe, each attack search): counts,
+  elapsed time and an ETA, redrawn in place on a terminal; off with ``--quiet``, off when stderr is not a
+  terminal or ``CI`` is set unless ``--progress`` asks for it (then one line every few seconds, for logs);
 - unexpected errors reported as one line naming what was being done and a fix (``--debug``: the traceback).
 
 Nothing here imports torch or a model library at import time; the CLI configures this module before any
@@ -46,6 +47,7 @@ class Settings:
     attention_slicing: bool = False
     verbosity: int = 0  # 0: quiet libraries; 1 (-v): their own defaults; 2 (-vv): their info logs
     quiet: bool = False  # no progress display
+    progress: bool = False  # a progress display even when stderr is not a terminal (one line every few seconds)
     debug: bool = False  # tracebacks of unexpected errors
 
 
@@ -240,31 +242,56 @@ def library_warnings() -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------------ progress
 class Progress:
-    """``label: done/total (elapsed)`` redrawn in place on stderr; silent unless enabled."""
+    """``label: done/total (elapsed, ETA remaining)`` on stderr; silent unless enabled.
+
+    On a terminal the line is redrawn in place (at most every 0.1 s) and cleared on close; on any other stream
+    (``--progress`` into a log) it is written as a new line at most every ``LOG_INTERVAL`` seconds and once
+    more at the end. The ETA assumes the remaining items take as long as the done ones did on average; a probe that
+    decides early finishes before it.
+    """
+    LOG_INTERVAL = 10.0
 
     def __init__(self, label: str, total: int | None = None, *, enabled: bool | None = None, stream=None):
         self.label, self.total, self.done = label, total, 0
         self.stream = stream or sys.stderr
         self.enabled = progress_enabled(self.stream) if enabled is None else enabled
+        isatty = getattr(self.stream, "isatty", None)
+        self.inline = bool(isatty and isatty())
         self.started = time.monotonic()
-        self._drawn_at = 0.0
+        self._drawn_at = self.started if not self.inline else 0.0
+        self._drawn_done: int | None = None
         self._width = 0
 
     def advance(self, n: int = 1) -> None:
         self.done += n
         now = time.monotonic()
-        if self.enabled and (now - self._drawn_at >= 0.1 or self.done == self.total):
+        interval = 0.1 if self.inline else self.LOG_INTERVAL
+        if self.enabled and (now - self._drawn_at >= interval or self.done == self.total):
             self._draw(now)
 
-    def _draw(self, now: float) -> None:
+    def text(self, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        elapsed = now - self.started
         count = f"{self.done}/{self.total}" if self.total else str(self.done)
-        text = f"{self.label}: {count} ({_elapsed(now - self.started)})"
-        self.stream.write("\r" + text.ljust(self._width))
+        timing = _elapsed(elapsed)
+        if self.total and 0 < self.done < self.total:
+            timing += f", ETA {_elapsed(elapsed / self.done * (self.total - self.done))}"
+        return f"{self.label}: {count} ({timing})"
+
+    def _draw(self, now: float) -> None:
+        text = self.text(now)
+        if self.inline:
+            self.stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
-        self._width, self._drawn_at = len(text), now
+        self._drawn_at, self._drawn_done = now, self.done
 
     def close(self) -> None:
-        if self.enabled and self._width:
+        if self.enabled and not self.inline and self.done and self.done != self._drawn_done:
+            self._draw(time.monotonic())  # a log ends every phase with its final count
+        if self.enabled and self.inline and self._width:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
             self._width = 0
@@ -276,8 +303,13 @@ def _elapsed(seconds: float) -> str:
 
 
 def progress_enabled(stream=None) -> bool:
+    """Off with ``--quiet``; on with ``--progress``; otherwise on a terminal, outside CI."""
     stream = stream or sys.stderr
-    if _settings.quiet or os.environ.get("CI"):
+    if _settings.quiet:
+        return False
+    if _settings.progress:
+        return True
+    if os.environ.get("CI"):
         return False
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
@@ -290,6 +322,16 @@ def progress(label: str, total: int | None = None) -> Iterator[Progress]:
         yield bar
     finally:
         bar.close()
+
+
+def track(items, label: str, total: int | None = None):
+    """Iterate over ``items`` with a progress display counting them (``total`` default: ``len(items)``)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    with progress(label, total) as bar:
+        for item in items:
+            yield item
+            bar.advance()
 
 
 # ------------------------------------------------------------------------------------ unexpected errors
