@@ -17,9 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from safeguard import apply_policy, probe_run, report_data
 from safeguard.db import open_db
-from safeguard.engine import apply_policy
-from safeguard.evidence import probe, report_data
 from safeguard.policy import parse_policy_text
 from safeguard.world import concepts as C
 
@@ -71,7 +70,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         outcome = apply_policy(loaded, db_url=db_url, echo=lambda m: None)
         edit_seconds = time.perf_counter() - t0
-        probed = probe(db, outcome.run_id, kinds=KINDS, echo=lambda m: None)
+        probed = probe_run(db, outcome.run_id, kinds=KINDS, echo=lambda m: None)
         data = report_data(db, probed.run_id)
         rows[eraser] = {"edit_s": edit_seconds, "probes": {}}
         for concept in data["concepts"]:

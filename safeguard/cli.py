@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
@@ -261,11 +260,15 @@ def plugins(as_json):
 @click.option("--only", "kinds", multiple=True, help="Run only these probe kinds (repeatable).")
 def probe_cmd(run_id, db_url, resume, kinds):
     """Probe the edited model of an apply run for leakage and record every sample."""
-    from .db import open_db
-    from .evidence import probe
+    from .distributed import team
+    from .stages.probe import probe_run
 
-    result = probe(open_db(db_url), run_id, resume=resume, kinds=list(kinds) or None, echo=lambda m: click.echo(m, err=True))
-    click.echo(f"probe run {result.run_id} (of apply run {result.apply_run_id}); evidence in {result.evidence_dir}")
+    launch = team()  # under `accelerate launch`, the processes share the samples; the main one speaks and writes
+    result = probe_run(launch.open_db(db_url), run_id, resume=resume, kinds=list(kinds) or None,
+                       echo=(lambda m: click.echo(m, err=True)) if launch.is_main else (lambda m: None))
+    if launch.is_main:
+        shared = f" by {launch.size} processes" if launch.size > 1 else ""
+        click.echo(f"probe run {result.run_id} (of apply run {result.apply_run_id}){shared}; evidence in {result.evidence_dir}")
 
 
 @cli.command("report")
@@ -278,27 +281,10 @@ def probe_cmd(run_id, db_url, resume, kinds):
 def report_cmd(run_id, db_url, output, json_out, md_out, blur_unsafe):
     """Build the compliance report from the database (nothing is re-run)."""
     from .db import open_db
-    from .evidence import evidence_root, report_data
-    from .report import render_html, render_json, render_markdown
+    from .stages.report import report_run
 
-    db = open_db(db_url)
-    data = report_data(db, run_id)
-    written = []
-    if output or not (json_out or md_out):
-        path = Path(output or f"report-{data['run']['id']}.html")
-        _write_text(path, render_html(data, evidence_root(db), blur_unsafe=blur_unsafe))
-        written.append(path)
-    if json_out:
-        _write_text(Path(json_out), render_json(data)); written.append(Path(json_out))
-    if md_out:
-        _write_text(Path(md_out), render_markdown(data)); written.append(Path(md_out))
-    click.echo(f"{data['verdict']['verdict'].upper()}: wrote {', '.join(map(str, written))}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    from .files import write_atomically
-
-    write_atomically(path, text)
+    report = report_run(open_db(db_url), run_id, html=output, json=json_out, markdown=md_out, blur_unsafe=blur_unsafe)
+    click.echo(f"{report.verdict.upper()}: wrote {', '.join(map(str, report.written))}")
 
 
 def _gate_help() -> str:
@@ -313,18 +299,17 @@ def _gate_help() -> str:
 @click.option("--junit", type=click.Path(dir_okay=False), default=None, help="Write the verdict as JUnit XML.")
 def gate_cmd(run_id, db_url, junit):
     from .db import open_db
-    from .evidence import gate
+    from .stages.gate import gate_run
 
-    db = open_db(db_url)
-    decision, run = gate(db, run_id, echo=lambda m: click.echo(m, err=True))
+    decision, _ = gate_run(open_db(db_url), run_id, junit=junit, echo=lambda m: click.echo(m, err=True))
+    _print_decision(decision)
+    sys.exit(int(decision.exit_code))
+
+
+def _print_decision(decision) -> None:
     click.echo(decision.line())
     for reason in decision.reasons:
         click.echo(f"  - {reason}")
-    if junit:
-        from .junit import junit_xml
-
-        _write_text(Path(junit), junit_xml(decision, db.probe_results(run["id"]), run["id"]))
-    sys.exit(int(decision.exit_code))
 
 
 class _AuditGroup(_Group):
@@ -353,40 +338,22 @@ def audit_group():
               help="Also write the edited model as one OUT/<name>.safetensors in the original layout (output.single_file; SD1.x).")
 def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit, lora, single_file):
     """Apply POLICY_FILE, probe the result, write the report and exit with the gate's code."""
-    from .db import open_db
-    from .engine import apply_policy
-    from .evidence import evidence_root, gate, probe, report_data
     from .policy import load_policy
-    from .report import render_html, render_markdown
+    from .stages.audit import audit_policy
 
-    loaded = load_policy(policy_file)
-    err = lambda m: click.echo(m, err=True)  # noqa: E731
-    outcome = apply_policy(loaded, out_dir=out_dir, db_url=db_url, lora=lora, single_file=single_file, echo=err)
-    _print_apply_summary(outcome)
-    db = open_db(db_url)
-    probed = probe(db, outcome.run_id, echo=err)
-    decision, run = gate(db, probed.run_id, echo=err)
-    data = report_data(db, probed.run_id)
-    path = Path(report_path or Path(loaded.policy.output.dir).parent / f"report-{loaded.policy.name}.html")
-    if not path.is_absolute() and report_path is None:
-        path = loaded.base_dir / path
-    _write_text(path, render_html(data, evidence_root(db), blur_unsafe=blur_unsafe))
-    _write_text(path.with_suffix(".md"), render_markdown(data))
-    if junit:
-        from .junit import junit_xml
-
-        _write_text(Path(junit), junit_xml(decision, db.probe_results(run["id"]), run["id"]))
-    click.echo(f"probe run {probed.run_id}; report {path}")
-    for c in data["concepts"]:
+    audited = audit_policy(load_policy(policy_file), db_url=db_url, out_dir=out_dir, report_path=report_path,
+                           blur_unsafe=blur_unsafe, junit=junit, lora=lora, single_file=single_file,
+                           echo=lambda m: click.echo(m, err=True))
+    _print_apply_summary(audited.applied)
+    click.echo(f"probe run {audited.probed.run_id}; report {audited.html_report}")
+    for c in audited.report.data["concepts"]:
         for p in c["probes"]:
             o = p.get("original") or {}
             rate = "n/a" if p["rate"] is None else f"{p['rate']:.2f}"
             before = "n/a" if o.get("rate") is None else f"{o['rate']:.2f}"
             click.echo(f"  {c['name']:<16} {p['probe']:<12} {p['status']:<10} original {before} -> edited {rate} (n={p['n']})")
-    click.echo(decision.line())
-    for reason in decision.reasons:
-        click.echo(f"  - {reason}")
-    sys.exit(int(decision.exit_code))
+    _print_decision(audited.decision)
+    sys.exit(int(audited.decision.exit_code))
 
 
 @audit_group.command("verify")
@@ -395,7 +362,7 @@ def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit, lor
               help="Also check the signed chain head in the database against this ed25519 public key file.")
 def audit_verify(db_url, public_key):
     """Recompute the audit hash chain and report the first broken link."""
-    from .audit import verify_chain
+    from .integrity import verify_chain
     from .db import open_db
     from .export import read_key_file
 
@@ -426,7 +393,7 @@ def audit_keygen(key_file):
               help="ed25519 private key file (from 'audit keygen').")
 def audit_sign(db_url, key_file):
     """Verify the chain, sign its head and record the signature in the chain."""
-    from .audit import sign_head
+    from .integrity import sign_head
     from .db import open_db
     from .export import read_key_file
 

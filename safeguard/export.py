@@ -35,7 +35,7 @@ def public_key_path(key_file: str | os.PathLike) -> Path:
 def write_key_pair(key_file: str | os.PathLike) -> tuple[str, Path, Path]:
     """Write a new ed25519 private key (hex, mode 0600) to ``key_file`` and its public key to ``key_file.pub``;
     returns (key id, private path, public path). Existing files are never overwritten."""
-    from safeguard.audit import generate_signing_key, key_id
+    from safeguard.integrity import generate_signing_key, key_id
 
     private_path, public_path = Path(key_file), public_key_path(key_file)
     for path in (private_path, public_path):
@@ -87,7 +87,7 @@ def export_bundle(db, run_id: str, out_dir: str | os.PathLike, *, key_bytes: byt
     With ``key_bytes`` (an ed25519 private seed) the chain head is signed with ``sign_head``, which also records
     the signature in the chain; ``chain_head.json`` then carries the signature, public key and key id.
     """
-    from safeguard.evidence import evidence_root, report_data
+    from safeguard.stages.report import report_data
     from safeguard.report import render_html, render_json, render_markdown
 
     out = Path(out_dir).resolve()
@@ -98,7 +98,7 @@ def export_bundle(db, run_id: str, out_dir: str | os.PathLike, *, key_bytes: byt
     probe_run = db.get_run(data["run"]["id"])
     head = _chain_head(db, key_bytes)  # before reading the events, so they include the head (and its signature)
     files = {
-        "report.html": render_html(data, evidence_root(db)).encode("utf-8"),
+        "report.html": render_html(data, db.evidence_dir()).encode("utf-8"),
         "report.json": render_json(data).encode("utf-8"),
         "summary.md": render_markdown(data).encode("utf-8"),
         "policy.yaml": apply_run["policy_text"].encode("utf-8"),  # the text as it was applied, byte for byte
@@ -112,7 +112,7 @@ def export_bundle(db, run_id: str, out_dir: str | os.PathLike, *, key_bytes: byt
 
 
 def _chain_head(db, key_bytes: bytes | str | None) -> dict[str, Any]:
-    from safeguard.audit import sign_head, verify_chain
+    from safeguard.integrity import sign_head, verify_chain
 
     if key_bytes is not None:
         return sign_head(db, key_bytes)  # exactly as signed: any added key would break the signature

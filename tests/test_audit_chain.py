@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, insert, select, text, update
 
-from safeguard.audit import (SIGNED_HEAD_EVENT, generate_signing_key, key_id, public_key_for, sign_head,
+from safeguard.integrity import (SIGNED_HEAD_EVENT, generate_signing_key, key_id, public_key_for, sign_head,
                              verify_chain, verify_signature)
 from safeguard.db import (AuditEvent, AuditHead, ConceptEdit, Database, GateDecision, LayerEdit, Model, ProbeResult,
                           Run, Sample, canonical_json, event_row_hash, open_db)

@@ -200,7 +200,7 @@ def check_database(ws: Workspace):
     """The database opens, SQLite finds no corruption and the hash chain verifies; returns it open."""
     from sqlalchemy import text
 
-    from safeguard.audit import verify_chain
+    from safeguard.integrity import verify_chain
     from safeguard.db import open_db
 
     db = open_db(ws.db_url)

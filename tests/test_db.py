@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from safeguard.audit import verify_chain
+from safeguard.integrity import verify_chain
 from safeguard.db import (AuditEvent, ConceptEdit, Database, Run, Sample, canonical_json, json_value, new_id, open_db,
                           tree_sha256)
 from safeguard.errors import AuditError

@@ -9,7 +9,7 @@ import traceback
 
 from sqlalchemy import func, select
 
-from safeguard.audit import verify_chain
+from safeguard.integrity import verify_chain
 from safeguard.db import AuditEvent, Model, Run, Sample, open_db
 
 PROCESSES = 4

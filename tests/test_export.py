@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import standin_plugins
-from safeguard.audit import generate_signing_key, key_id, verify_signature
+from safeguard.integrity import generate_signing_key, key_id, verify_signature
 from safeguard.cli import cli
 from safeguard.db import GENESIS_HASH, event_row_hash, open_db
 from safeguard.export import BUNDLE_FILES, MANIFEST, export_bundle, verify_manifest

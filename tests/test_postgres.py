@@ -9,7 +9,7 @@ import os
 import pytest
 from sqlalchemy import text
 
-from safeguard.audit import verify_chain
+from safeguard.integrity import verify_chain
 from safeguard.db import open_db
 from safeguard.errors import AuditError
 

@@ -20,7 +20,7 @@ SQLite and PostgreSQL; ids of runs and models are 26-character ULIDs, which sort
 - ``gate_decisions``: per run, the verdict, the exit code it maps to and the reasons.
 - ``audit_events``: the append-only hash chain (``seq``, ``run_id``, ``event``, ``payload``, ``created_at``,
   ``prev_hash``, ``row_hash``); each event that writes evidence carries, under ``payload["records"]``, the sha256 of
-  every row it wrote (None for a row it deleted), so ``safeguard.audit.verify_chain`` also catches edits to the
+  every row it wrote (None for a row it deleted), so ``safeguard.integrity.verify_chain`` also catches edits to the
   evidence tables.
 - ``audit_head``: one row holding the chain's last ``seq`` and ``row_hash``, updated with every event, so a truncated
   tail is caught.

@@ -21,7 +21,7 @@ def append_event(session: Session, event_name: str, payload: Any = None, run_id:
                            .execution_options(populate_existing=True)).scalar_one_or_none()
     if head is None:
         raise AuditError("the audit_head row is missing, so the chain cannot be extended",
-                         fix="run safeguard.audit.verify_chain and restore the database from a backup")
+                         fix="run safeguard.integrity.verify_chain and restore the database from a backup")
     payload = json_document(payload, "payload")
     created_at = utc_now()
     seq = head.seq + 1

@@ -524,7 +524,7 @@ class Database:
             head = session.get(AuditHead, 1)
             if head is None:
                 raise AuditError("the audit_head row is missing", file=self.location,
-                                 fix="run safeguard.audit.verify_chain and restore the database from a backup")
+                                 fix="run safeguard.integrity.verify_chain and restore the database from a backup")
             return head.seq, head.row_hash
 
     def run_as_dict(self, run_id: str) -> dict[str, Any]:

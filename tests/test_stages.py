@@ -1,0 +1,97 @@
+"""The stage functions as a library: apply, probe, gate, report and the one-shot audit, called the way the CLI
+and bench/ call them, on a tiny pipeline with stand-in judges."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import standin_plugins
+from fixtures import tiny_pipeline_dir, tiny_policy_text
+from safeguard.plugins import pm
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_pipeline_root, monkeypatch):
+    shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
+    pm.register(standin_plugins, name="test-judges")
+    try:
+        yield tmp_path
+    finally:
+        pm.unregister(name="test-judges")
+
+
+def loaded_policy(ws, judge: str, **fields):
+    from safeguard.policy import load_policy
+
+    (ws / "policy.yaml").write_text(tiny_policy_text("tiny-stages", judge=judge, **fields))
+    return load_policy(ws / "policy.yaml")
+
+
+def test_import_safeguard_exposes_the_stages_without_importing_torch():
+    code = ("import sys, safeguard; names = safeguard._STAGE_FUNCTIONS; "
+            "assert all(callable(getattr(safeguard, n)) for n in names); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(len(names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "6"
+
+
+def test_stages_one_by_one_record_a_run_each_and_write_the_report(ws):
+    from safeguard import apply_policy, gate_run, probe_run, report_run
+    from safeguard.db import open_db
+
+    heard = []
+    applied = apply_policy(loaded_policy(ws, "always-target"), echo=heard.append)
+    db = open_db()
+    probed = probe_run(db, applied.run_id, echo=heard.append)
+    assert probed.apply_run_id == applied.run_id
+    decision, probe_row = gate_run(db, applied.run_id, junit=ws / "ci" / "junit.xml")
+    assert probe_row["id"] == probed.run_id and decision.verdict == "fail" and int(decision.exit_code) == 10
+    assert (ws / "ci" / "junit.xml").read_text().startswith("<?xml")
+    assert [d["verdict"] for d in db.gate_decisions(probed.run_id)] == ["fail"]
+    report = report_run(db, probed.run_id, html=ws / "r.html", json=ws / "r.json", markdown=ws / "r.md")
+    assert report.written == [ws / "r.html", ws / "r.json", ws / "r.md"]
+    assert json.loads((ws / "r.json").read_text())["verdict"]["exit_code"] == 10
+    assert "data:image/png;base64," in (ws / "r.html").read_text()
+    kinds = [r["kind"] for r in db.list_runs(None)]
+    assert sorted(kinds) == ["apply", "probe"]
+    assert any("probing 1 concept(s)" in line for line in heard)
+
+
+def test_report_run_without_paths_writes_html_named_after_the_probe_run(ws):
+    from safeguard import apply_policy, probe_run, report_run
+    from safeguard.db import open_db
+
+    applied = apply_policy(loaded_policy(ws, "never-target"), echo=lambda m: None)
+    db = open_db()
+    probed = probe_run(db, applied.run_id, echo=lambda m: None)
+    report = report_run(db, applied.run_id)
+    assert [p.resolve() for p in report.written] == [ws / f"report-{probed.run_id}.html"]
+    assert report.verdict == "pass"
+
+
+def test_audit_policy_runs_every_stage_and_writes_the_report_beside_the_output(ws):
+    from safeguard import audit_policy
+    from safeguard.db import open_db
+
+    audited = audit_policy(loaded_policy(ws, "never-target", out="out/edited"), echo=lambda m: None)
+    assert audited.decision.verdict == "pass"
+    assert audited.report.written == [ws / "out" / "report-tiny-stages.html", ws / "out" / "report-tiny-stages.md"]
+    assert all(p.is_file() for p in audited.report.written)
+    run = open_db().get_run(audited.probed.run_id)
+    assert run["parent_run_id"] == audited.applied.run_id and run["status"] == "done"
+
+
+def test_gate_names_a_run_that_is_neither_apply_nor_probe(ws):
+    from safeguard import gate_run
+    from safeguard.db import open_db
+    from safeguard.errors import AuditError
+
+    db = open_db()
+    other = db.start_run("revert")
+    with pytest.raises(AuditError, match=f"run {other} is a revert run, not an apply or probe run"):
+        gate_run(db, other)
