@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from .policy import ConceptSpec, LoadedPolicy, Policy
 
 __all__ = ["ConceptRequest", "EraseRequest", "LayerEdit", "EraseResult", "Eraser", "ProbeCase", "ProbeCases",
-           "ProbeContext", "Probe", "Judge", "PROBE_KINDS", "PROBE_SCOPES", "STYLE_GENERIC", "contract_gaps"]
+           "ProbeContext", "Probe", "ScreenResult", "ScreenProbe", "Judge", "PROBE_KINDS", "PROBE_SCOPES", "SCREEN_KIND",
+           "SCREEN_STATUSES", "STYLE_GENERIC", "contract_gaps"]
 
 
 # --- erasers ----------------------------------------------------------------------------------------------------
@@ -94,6 +95,10 @@ class Eraser(Protocol):
 # --- probes -----------------------------------------------------------------------------------------------------
 PROBE_KINDS = ("target", "keep")  # target: leakage must stay low; keep: edited / original recognition stays high
 PROBE_SCOPES = ("concept", "policy")  # run once per banned concept, or once per policy
+# A screen probe checks the eraser itself: it runs once per policy after the probes that render, on their recorded
+# samples, and is shown in the report but never gated.
+SCREEN_KIND = "screen"
+SCREEN_STATUSES = ("pass", "fail", "unassessed")  # pass: the screen agrees with the judge's verdicts
 STYLE_GENERIC = "plain"  # the label a style probe falls back to when no art style is recognised
 
 
@@ -158,7 +163,8 @@ class Probe(Protocol):
 
     The core renders every case on both models, judges and records every image, samples in rounds until
     the interval decides, and turns the samples into a result; a probe that raises is recorded as
-    unassessed. Optional class attributes: ``scope`` ("concept" by default), ``attack`` (True for attacks,
+    unassessed. A probe of ``kind = "screen"`` implements :class:`ScreenProbe` instead. Optional class
+    attributes: ``scope`` ("concept" by default), ``attack`` (True for attacks,
     which the gate's "attack" requirement counts), ``threat_model`` ("text" or "weights": what the attacker
     needs) and, for keep probes, ``threshold`` (the ``thresholds`` field it is judged against, by default
     ``min_retention``).
@@ -167,6 +173,30 @@ class Probe(Protocol):
     kind: ClassVar[str]  # one of PROBE_KINDS
 
     def cases(self, ctx: ProbeContext, concept: ConceptSpec | None) -> ProbeCases: ...
+
+
+@dataclass
+class ScreenResult:
+    """What a screen probe returns: how well its check agrees with the judge's verdicts on the samples."""
+    status: str  # one of SCREEN_STATUSES
+    n: int = 0  # prompts (or samples) the check scored
+    rate: float | None = None  # the agreement measure, e.g. an ROC AUC against the judge
+    details: dict[str, Any] = field(default_factory=dict)  # recorded with the result and shown in the report
+    note: str | None = None  # one line on what the status means
+    error: str | None = None  # why the check could not run (status "unassessed")
+
+
+@runtime_checkable
+class ScreenProbe(Protocol):
+    """A probe of the eraser (``kind = "screen"``): instead of cases to render, it reads the samples the other
+    probes recorded (``samples``: dicts with ``probe``, ``concept``, ``model_role``, ``prompt``, ``seed``,
+    ``label`` and ``scores``) and whatever the edit saved in ``ctx.edited_dir``, and says how well a cheaper
+    check agrees with the judge. Its result is recorded once per policy, shown in the report and never gated;
+    a screen probe that raises is recorded as unassessed."""
+    name: ClassVar[str]
+    kind: ClassVar[str]  # SCREEN_KIND
+
+    def screen(self, ctx: ProbeContext, samples: list[dict]) -> ScreenResult: ...
 
 
 # --- judges -----------------------------------------------------------------------------------------------------
@@ -203,6 +233,9 @@ _METHODS = {
 }
 
 
+_SCREEN_METHODS = {"screen": ("ctx", "samples")}  # a screen probe reads samples instead of making cases
+
+
 def contract_gaps(kind: str, cls: Any) -> list[str]:
     """What ``cls`` lacks of the ``kind`` ("eraser" | "probe" | "judge") contract, one phrase each; [] if none."""
     if kind not in _METHODS:
@@ -218,12 +251,16 @@ def contract_gaps(kind: str, cls: Any) -> list[str]:
         params = getattr(cls, "Params", None)
         if not (isinstance(params, type) and callable(getattr(params, "model_validate", None))):
             gaps.append("a pydantic model class 'Params' for its policy parameters")
+    methods = _METHODS[kind]
     if kind == "probe":
-        if getattr(cls, "kind", None) not in PROBE_KINDS:
-            gaps.append(f"a 'kind' attribute, one of {', '.join(PROBE_KINDS)} (got {getattr(cls, 'kind', None)!r})")
+        if getattr(cls, "kind", None) not in (*PROBE_KINDS, SCREEN_KIND):
+            gaps.append(f"a 'kind' attribute, one of {', '.join((*PROBE_KINDS, SCREEN_KIND))} "
+                        f"(got {getattr(cls, 'kind', None)!r})")
         if getattr(cls, "scope", "concept") not in PROBE_SCOPES:
             gaps.append(f"a 'scope' of {' or '.join(PROBE_SCOPES)} (got {cls.scope!r})")
-    for method, parameters in _METHODS[kind].items():
+        if getattr(cls, "kind", None) == SCREEN_KIND:
+            methods = _SCREEN_METHODS
+    for method, parameters in methods.items():
         gap = _method_gap(cls, method, parameters)
         if gap:
             gaps.append(gap)

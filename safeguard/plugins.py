@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = (
     "safeguard.builtin.none",
     "safeguard.builtin.probes",
     "safeguard.builtin.collateral",
+    "safeguard.builtin.activation",
     "safeguard.builtin.judge_open_clip",
 )
 

@@ -19,7 +19,6 @@ from .contracts import STYLE_GENERIC, ProbeCase, ProbeCases, ProbeContext  # noq
 from .errors import ModelError
 from .faults import crash_point
 from .policy import Policy
-from .stats import roc_auc
 
 
 def size_kwargs(settings) -> dict:
@@ -413,57 +412,6 @@ def image_similarity(samples: list[dict], evidence_dir: Path, judge) -> dict | N
         out["groups"] = {str(g): dict(zip(("mean", "ci_low", "ci_high"), clustered_mean(list(v.values()))))
                          for g, v in by_group.items()}
     return out
-
-
-# ---- activation screen --------------------------------------------------------------------------------
-def activation_screen(ctx: ProbeContext, samples: list[dict], bases: dict, steps: int = 4) -> dict:
-    """Share of each prompt's cross-attention activation energy in the forget-only subspace the eraser removed
-    (the bases saved with the edit), on both models, without decoding images; and how well the edited share
-    predicts the image judge's verdicts. Positives are target-probe prompts the judge calls hits; every other
-    text prompt (target misses, kept and collateral prompts) is a negative."""
-    import torch
-
-    from .attention import capture_per_prompt
-
-    policy = ctx.policy.policy
-    params = {"steps": steps, "seeds": [ctx.seed], "guidance_scale": policy.probes.guidance_scale}
-    text_samples = [s for s in samples if s["model_role"] == "edited" and not s["prompt"].startswith("<")]
-    target_probes = {s["probe"] for s in text_samples if s["scores"].get("group") is None} & set(_target_probe_names())
-    t0 = time.perf_counter()
-    verdicts: dict[str, list[bool]] = {}
-    concept_of: dict[str, str] = {}
-    for s in text_samples:
-        concept_of.setdefault(s["prompt"], s["concept"])
-        positive = s["probe"] in target_probes and bool(s["scores"]["hit"])
-        verdicts.setdefault(s["prompt"], []).append(positive)
-    prompts = sorted(verdicts)
-    per_model = {role: capture_per_prompt(pipe, prompts, **params)
-                 for role, pipe in (("original", ctx.original), ("edited", ctx.edited))}
-    rows = []
-    for prompt in prompts:
-        shares = {}
-        for role in ("original", "edited"):
-            vals = []
-            for layer, b in bases.items():
-                q = b["forget_only"].double()
-                if q.shape[1] == 0:
-                    continue
-                h = per_model[role][prompt][layer].double()
-                vals.append(float(((h @ q) ** 2).sum() / (h ** 2).sum().clamp_min(1e-12)))
-            shares[role] = sum(vals) / len(vals) if vals else 0.0
-        hits = verdicts[prompt]
-        rows.append({"prompt": prompt, "concept": concept_of[prompt], "original_share": shares["original"], "edited_share": shares["edited"],
-                     "judged_hit": sum(hits) / len(hits) >= 0.5})
-    auc = roc_auc([r["edited_share"] for r in rows], [r["judged_hit"] for r in rows])
-    positives = sum(r["judged_hit"] for r in rows)
-    return {"rows": rows, "agreement": {"auc": auc, "n": len(rows), "positives": positives},
-            "seconds": round(time.perf_counter() - t0, 2), "prompts_screened": len(prompts)}
-
-
-def _target_probe_names() -> list[str]:
-    from .plugins import get_probes
-
-    return [name for name, cls in get_probes().items() if cls.kind == "target"]
 
 
 def verify_model_files(db, model_row: dict, field: str) -> None:

@@ -227,7 +227,7 @@ def test_a_probe_with_an_unknown_kind_is_refused():
         def cases(self, ctx, concept):
             pass
 
-    assert contracts.contract_gaps("probe", OddProbe) == ["a 'kind' attribute, one of target, keep (got 'leakage')"]
+    assert contracts.contract_gaps("probe", OddProbe) == ["a 'kind' attribute, one of target, keep, screen (got 'leakage')"]
 
 
 def test_two_plugins_registering_one_name_are_named():

@@ -95,3 +95,83 @@ def test_gate_names_a_run_that_is_neither_apply_nor_probe(ws):
     other = db.start_run("revert")
     with pytest.raises(AuditError, match=f"run {other} is a revert run, not an apply or probe run"):
         gate_run(db, other)
+
+
+# --- the activation screen: a probe plugin of kind "screen" that reads the other probes' samples ----------------
+def test_activation_screen_probe_reads_the_saved_bases_and_the_recorded_samples(ws):
+    from safeguard import apply_policy, gate_run, probe_run, report_data
+    from safeguard.db import open_db
+
+    loaded_policy(ws, "always-target")
+    policy_text = (ws / "policy.yaml").read_text().replace("kinds: [canonical, paraphrase]",
+                                                           "kinds: [canonical, paraphrase, activation]")
+    (ws / "policy.yaml").write_text(policy_text)
+    from safeguard.policy import load_policy
+
+    loaded = load_policy(ws / "policy.yaml")
+    applied = apply_policy(loaded, echo=lambda m: None)
+    assert (ws / "edited" / "safeguard_bases.safetensors").is_file()
+    db = open_db()
+    probed = probe_run(db, applied.run_id, echo=lambda m: None)
+    (screen,) = [r for r in db.probe_results(probed.run_id) if r["probe"] == "activation"]
+    prompts = {s["prompt"] for s in db.samples(probed.run_id) if s["model_role"] == "edited"}
+    assert screen["concept"] == "*" and screen["details"]["kind"] == "screen"
+    assert {r["prompt"] for r in screen["details"]["rows"]} == prompts
+    assert all(0.0 <= r["edited_share"] <= 1.0 for r in screen["details"]["rows"])
+    # every image is a hit for this judge, so agreement cannot be measured: unassessed, and not gated
+    assert screen["status"] == "unassessed" and "hits and misses" in screen["details"]["note"]
+    data = report_data(db, probed.run_id)
+    assert len(data["activation_screen"]["rows"]) == len(prompts)
+    assert all(p["probe"] != "activation" for c in data["concepts"] for p in c["probes"])
+    decision, _ = gate_run(db, probed.run_id)
+    assert decision.verdict == "fail"  # decided by the leaking target probes alone
+
+
+def test_a_screen_probe_without_bases_or_that_raises_is_unassessed_naming_why(ws):
+    from safeguard import hookimpl
+    from safeguard.contracts import SCREEN_KIND
+    from safeguard.db import open_db
+    from safeguard.engine import apply_policy
+    from safeguard.stages.probe import probe_run
+
+    class BrokenScreen:
+        name, kind = "broken_screen", SCREEN_KIND
+
+        def screen(self, ctx, samples):
+            raise RuntimeError(f"looked at {len(samples)} samples")
+
+    class Plugin:
+        @hookimpl
+        def register_probes(self, register):
+            register(BrokenScreen)
+
+    (ws / "policy.yaml").write_text(tiny_policy_text("tiny-stages", eraser="uce", params="{}", judge="never-target")
+                                    .replace("kinds: [canonical, paraphrase]", "kinds: [canonical, activation, broken_screen]"))
+    from safeguard.policy import load_policy
+
+    applied = apply_policy(load_policy(ws / "policy.yaml"), echo=lambda m: None)
+    pm.register(Plugin(), name="broken-screen")
+    try:
+        db = open_db()
+        probed = probe_run(db, applied.run_id, echo=lambda m: None)
+    finally:
+        pm.unregister(name="broken-screen")
+    results = {r["probe"]: r for r in db.probe_results(probed.run_id)}
+    assert results["activation"]["status"] == "unassessed"
+    assert results["activation"]["details"]["error"] == "the eraser saved no activation bases with the edit"
+    broken = results["broken_screen"]["details"]["error"]
+    assert results["broken_screen"]["status"] == "unassessed"
+    assert broken.startswith("RuntimeError in plugin broken-screen: looked at ") and broken.endswith(" samples")
+    assert results["canonical"]["status"] == "pass"
+
+
+def test_a_screen_probe_must_implement_screen():
+    from safeguard.contracts import SCREEN_KIND, contract_gaps
+
+    class CasesOnly:
+        name, kind = "cases_only", SCREEN_KIND
+
+        def cases(self, ctx, concept):
+            return None
+
+    assert contract_gaps("probe", CasesOnly) == ["a method screen(self, ctx, samples)"]

@@ -6,13 +6,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..contracts import SCREEN_KIND, SCREEN_STATUSES, ScreenResult
 from ..errors import AuditError, ModelError, PolicyError
 from ..faults import crash_point
 from ..policy import LoadedPolicy
 from .runs import finished_apply_run, policy_of
-
-SCREEN_PROBE = "activation_screen"
-SCREEN_MIN_AUC = 0.8  # the screen is trusted as a pre-filter only where it ranks judged hits above misses this well
 
 
 @dataclass
@@ -64,8 +62,12 @@ def probe_run(db, run_id: str, *, resume: bool = False, kinds: list[str] | None 
         original = modelio.load_pipeline(Path(models["input"]["path"]) if models["input"]["files"] else models["input"]["path"],
                                          config=config)
         edited = modelio.load_pipeline(Path(models["output"]["path"]))
-        ctx = ProbeContext(loaded, original, edited, None, seed=policy.probes.seed)
+        ctx = ProbeContext(loaded, original, edited, None, seed=policy.probes.seed,
+                           edited_dir=Path(models["output"]["path"]))
         wanted = kinds or list(policy.probes.kinds)
+        # Screen probes read the samples the rendering probes record, so they run last.
+        screens = [k for k in wanted if getattr(probes.get(k), "kind", None) == SCREEN_KIND]
+        wanted = [k for k in wanted if k not in screens]
         outcomes = []
         try:
             ctx.judge = judges[policy.judge.name](policy.judge.checkpoint, policy.judge.template, loaded.base_dir)
@@ -75,13 +77,12 @@ def probe_run(db, run_id: str, *, resume: bool = False, kinds: list[str] | None 
             err = f"judge failed to load: {type(exc).__name__}: {exc}"[:1000]
             echo(f"  {err}")
             outcomes = [ProbeOutcome(c.name if c else "*", k, getattr(probes.get(k), "kind", "target"), "unassessed", err)
-                        for k in wanted if k != "activation"
+                        for k in wanted
                         for c in (policy.concepts if getattr(probes.get(k), "scope", "concept") == "concept" else [None])]
         if ctx.judge is not None:
-            echo(f"probing {len(policy.concepts)} concept(s) with {', '.join(wanted)} (models loaded in {time.perf_counter() - t0:.1f}s)")
+            echo(f"probing {len(policy.concepts)} concept(s) with {', '.join(wanted + screens)} "
+                 f"(models loaded in {time.perf_counter() - t0:.1f}s)")
             for kind in wanted:
-                if kind == "activation":
-                    continue
                 probe_cls = probes.get(kind)
                 scope = getattr(probe_cls, "scope", "concept")
                 for concept in (policy.concepts if scope == "concept" else [None]):
@@ -107,8 +108,8 @@ def probe_run(db, run_id: str, *, resume: bool = False, kinds: list[str] | None 
             if outcome.kind == "keep" and mine:
                 row["details"]["similarity"] = image_similarity(mine, evidence_dir, ctx.judge)
             rows.append(row)
-        if "activation" in wanted and ctx.judge is not None:
-            rows.append(_screen_row(ctx, samples, Path(models["output"]["path"]), echo))
+        judge_error = None if ctx.judge is not None else next((o.error for o in outcomes), "the judge failed to load")
+        rows += [screen_row(ctx, probes[kind], samples, echo, judge_error) for kind in screens]
         db.replace_probe_results(probe_id, rows)
         db.finish_run(probe_id, "done", stats={"seconds": round(time.perf_counter() - t0, 2), **team().stats()})
     except BaseException as exc:
@@ -131,32 +132,29 @@ def check_seeds_disjoint(apply_run: dict, loaded: LoadedPolicy) -> None:
                           fix=f"set probes.seed to {capture.stop} or more (or eraser.seed below {probes.seed - seeds})")
 
 
-def _screen_row(ctx, samples: list[dict], edited_dir: Path, echo) -> dict:
-    """The activation screen as a result row: its status is its measured agreement with the judge."""
-    from .. import modelio
-    from ..probing import activation_screen
+def screen_row(ctx, probe_cls, samples: list[dict], echo, judge_error: str | None = None) -> dict:
+    """A screen probe's result row (concept "*", details kind "screen"): its status is its measured agreement
+    with the judge; a screen that raises, or has no judged samples to read, is unassessed."""
+    from ..plugins import registered_by
 
-    base = dict(concept="*", probe=SCREEN_PROBE, hits=None, ci_low=None, ci_high=None, threshold=None,
-                judge_name=ctx.judge.name, judge_version=ctx.judge.version, judge_sha256=ctx.judge.sha256)
-    try:
-        bases = modelio.read_edit_bases(edited_dir)
-        if not bases:
-            return {**base, "status": "unassessed", "n": 0, "rate": None,
-                    "details": {"kind": "screen", "error": "the eraser saved no activation bases with the edit"}}
-        screen = activation_screen(ctx, samples, bases)
-    except Exception as exc:
-        return {**base, "status": "unassessed", "n": 0, "rate": None,
-                "details": {"kind": "screen", "error": f"{type(exc).__name__}: {exc}"[:1000]}}
-    agreement = screen["agreement"]
-    if agreement["auc"] is None:
-        status, note = "unassessed", "needs target samples the judge calls hits and misses to measure agreement"
-    elif agreement["auc"] >= SCREEN_MIN_AUC:
-        status, note = "pass", f"agrees with the judge (AUC {agreement['auc']:.2f} >= {SCREEN_MIN_AUC})"
+    judge = ctx.judge or _NoJudge()
+    row = dict(concept="*", probe=probe_cls.name, hits=None, ci_low=None, ci_high=None, threshold=None,
+               judge_name=judge.name, judge_version=judge.version, judge_sha256=judge.sha256)
+    if judge_error is not None:
+        result = ScreenResult("unassessed", error=judge_error)
     else:
-        status, note = "fail", f"disagrees with the judge (AUC {agreement['auc']:.2f} < {SCREEN_MIN_AUC})"
-    echo(f"  activation screen: {screen['prompts_screened']} prompts in {screen['seconds']}s, {note}")
-    return {**base, "status": status, "n": agreement["n"], "rate": agreement["auc"],
-            "details": {**screen, "kind": "screen", "note": note}}
+        try:
+            result = probe_cls().screen(ctx, samples)
+            if not isinstance(result, ScreenResult) or result.status not in SCREEN_STATUSES:
+                raise TypeError(f"screen() returned {result!r}, not a ScreenResult with a status of "
+                                f"{', '.join(SCREEN_STATUSES)}")
+        except Exception as exc:  # a failing screen is unassessed, never a pass
+            plugin = registered_by(probe_cls) or probe_cls.__module__
+            result = ScreenResult("unassessed", error=f"{type(exc).__name__} in plugin {plugin}: {exc}"[:1000])
+    echo(f"  {probe_cls.name} screen: {result.status}, {result.note or result.error}")
+    details = {**result.details, "kind": SCREEN_KIND}
+    details.update({k: v for k, v in (("note", result.note), ("error", result.error)) if v is not None})
+    return {**row, "status": result.status, "n": result.n, "rate": result.rate, "details": details}
 
 
 class _NoJudge:
