@@ -185,14 +185,15 @@ def _print_apply_summary(outcome):
 @cli.command()
 @click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Where to write the restored model.")
-def revert(model_dir, out_dir):
-    """Undo the last edit of a model written by `safeguard apply`."""
-    from pathlib import Path
+@DB_OPTION
+def revert(model_dir, out_dir, db_url):
+    """Undo the last edit of a model written by `safeguard apply` (recorded as a revert run)."""
+    from .stages.revert import revert_model
 
-    from .modelio import revert_pipeline
-
-    out = revert_pipeline(Path(model_dir), Path(out_dir))
-    click.echo(f"restored the original tensors into {out}")
+    reverted = revert_model(model_dir, out_dir, db_url=db_url)
+    click.echo(f"run {reverted.run_id}: restored the original tensors into {reverted.out_dir}")
+    click.echo(f"  model {reverted.input_tree_sha256[:12]} -> {reverted.output_tree_sha256[:12]}"
+               + (f" (undoes apply run {reverted.reverted_run_id})" if reverted.reverted_run_id else ""))
 
 
 @cli.group(cls=_Group)

@@ -99,6 +99,33 @@ def test_revert_restores_original_bit_for_bit(workspace):
     assert sha(workspace / "model") == sha(workspace / "restored")
 
 
+def test_revert_is_recorded_as_a_run_with_both_models_hashes(workspace):
+    applied = apply_policy(load_policy(write_policy(workspace)), echo=lambda m: None)
+    result = CliRunner().invoke(cli, ["revert", "edited", "--out", "restored"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    db = open_db()
+    (revert_run,) = db.list_runs(None, kind="revert")
+    assert result.output.startswith(f"run {revert_run['id']}: restored the original tensors into ")
+    data = db.run_as_dict(revert_run["id"])
+    assert data["run"]["status"] == "done" and data["run"]["parent_run_id"] == applied.run_id
+    assert data["run"]["policy_sha256"] == db.get_run(applied.run_id)["policy_sha256"]
+    assert data["input_model"]["tree_sha256"] == hash_model_folder(workspace / "edited").tree_sha256
+    assert data["output_model"]["tree_sha256"] == hash_model_folder(workspace / "restored").tree_sha256
+    assert data["output_model"]["path"] == str(workspace / "restored")
+    from safeguard.integrity import verify_chain
+
+    assert verify_chain(db).ok
+
+
+def test_a_failed_revert_is_recorded_as_failed(workspace):
+    shutil.copytree(workspace / "model", workspace / "plain")
+    result = CliRunner().invoke(cli, ["revert", "plain", "--out", "restored"])
+    assert result.exit_code == 1 and "not an edited model" in result.output
+    (revert_run,) = open_db().list_runs(None, kind="revert")
+    assert revert_run["status"] == "failed" and "not an edited model" in revert_run["error"]
+    assert not (workspace / "restored").exists()
+
+
 def test_revert_removes_leftovers_of_a_killed_write(workspace):
     apply_policy(load_policy(write_policy(workspace)), echo=lambda m: None)
     leftover = workspace / ".restored.partial-killed"
