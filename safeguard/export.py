@@ -88,6 +88,7 @@ def export_bundle(db, run_id: str, out_dir: str | os.PathLike, *, key_bytes: byt
     the signature in the chain; ``chain_head.json`` then carries the signature, public key and key id.
     """
     from safeguard.stages.report import report_data
+    from safeguard.stages.runs import evidence_dir_of
     from safeguard.report import render_html, render_json, render_markdown
 
     out = Path(out_dir).resolve()
@@ -98,7 +99,7 @@ def export_bundle(db, run_id: str, out_dir: str | os.PathLike, *, key_bytes: byt
     probe_run = db.get_run(data["run"]["id"])
     head = _chain_head(db, key_bytes)  # before reading the events, so they include the head (and its signature)
     files = {
-        "report.html": render_html(data, db.evidence_dir()).encode("utf-8"),
+        "report.html": render_html(data, evidence_dir_of(db, probe_run)).encode("utf-8"),
         "report.json": render_json(data).encode("utf-8"),
         "summary.md": render_markdown(data).encode("utf-8"),
         "policy.yaml": apply_run["policy_text"].encode("utf-8"),  # the text as it was applied, byte for byte

@@ -246,7 +246,8 @@ class GateSpec(_Strict):
 
 class OutputSpec(_Strict):
     dir: str = "out/edited-model"
-    evidence_dir: str | None = None
+    evidence_dir: str | None = Field(None, description="folder (relative to the policy file) for the probe images; "
+                                                     "null: evidence/ beside a SQLite database, else .safeguard/evidence")
     lora: bool = Field(False, description="also write the edit as a LoRA adapter (dir/lora/pytorch_lora_weights.safetensors) "
                                           "that diffusers' load_lora_weights applies to the original model")
     single_file: bool = Field(False, description="also write the edited model as one .safetensors file in the original "

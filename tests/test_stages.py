@@ -175,3 +175,41 @@ def test_a_screen_probe_must_implement_screen():
             return None
 
     assert contract_gaps("probe", CasesOnly) == ["a method screen(self, ctx, samples)"]
+
+
+# --- output.evidence_dir ---------------------------------------------------------------------------------------
+def test_probe_images_go_to_output_evidence_dir_and_the_report_reads_them_there(ws):
+    from safeguard import apply_policy, probe_run, report_run
+    from safeguard.db import open_db
+    from safeguard.policy import load_policy
+
+    loaded_policy(ws, "always-target")
+    text = (ws / "policy.yaml").read_text().replace("output:\n  dir: edited\n",
+                                                    "output:\n  dir: edited\n  evidence_dir: proof/images\n")
+    (ws / "policy.yaml").write_text(text)
+    applied = apply_policy(load_policy(ws / "policy.yaml"), echo=lambda m: None)
+    db = open_db()
+    probed = probe_run(db, applied.run_id, echo=lambda m: None)
+    assert probed.evidence_dir == ws / "proof" / "images"
+    samples = db.samples(probed.run_id)
+    assert samples and all((ws / "proof" / "images" / s["image_path"]).is_file() for s in samples)
+    assert not list(db.evidence_dir().rglob("*.png")), "nothing in the database's own evidence folder"
+    assert db.get_run(probed.run_id)["stats"]["evidence_dir"] == str(ws / "proof" / "images")
+    html = report_run(db, probed.run_id, html=ws / "r.html").written[0].read_text()
+    assert html.count("data:image/png;base64,") >= len(samples) and "evidence image missing" not in html
+
+
+def test_an_evidence_dir_outside_the_allowed_folders_is_refused_naming_the_field(ws, tmp_path_factory):
+    from safeguard import apply_policy, probe_run
+    from safeguard.db import open_db
+    from safeguard.errors import PolicyError
+    from safeguard.policy import load_policy
+
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    loaded_policy(ws, "never-target")
+    text = (ws / "policy.yaml").read_text().replace("output:\n  dir: edited\n",
+                                                    f"output:\n  dir: edited\n  evidence_dir: {elsewhere}\n")
+    (ws / "policy.yaml").write_text(text)
+    applied = apply_policy(load_policy(ws / "policy.yaml"), echo=lambda m: None)
+    with pytest.raises(PolicyError, match="output.evidence_dir"):
+        probe_run(open_db(), applied.run_id, echo=lambda m: None)

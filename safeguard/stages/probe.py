@@ -10,7 +10,7 @@ from ..contracts import SCREEN_KIND, SCREEN_STATUSES, ScreenResult
 from ..errors import AuditError, ModelError, PolicyError
 from ..faults import crash_point
 from ..policy import LoadedPolicy
-from .runs import finished_apply_run, policy_of
+from .runs import evidence_dir_for, evidence_dir_of, finished_apply_run, policy_of
 
 
 @dataclass
@@ -46,9 +46,12 @@ def probe_run(db, run_id: str, *, resume: bool = False, kinds: list[str] | None 
     verify_model_files(db, models["output"], "output.dir")
     check_seeds_disjoint(apply_run, loaded)
     if probe_id is None:
+        evidence_dir = evidence_dir_for(db, loaded)
         probe_id = db.start_run(kind="probe", policy=loaded, argv=argv(), versions=package_versions(), **actor(),
                                 parent_run_id=apply_run["id"], seed=policy.probes.seed)
-    evidence_dir = db.evidence_dir()
+        db.update_run(probe_id, stats={"evidence_dir": str(evidence_dir)})  # where the report finds the images
+    else:
+        evidence_dir = evidence_dir_of(db, db.get_run(probe_id))
     crash_point("probe:after-run-row")
     try:
         probes = get_probes()

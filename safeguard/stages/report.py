@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..gate import decide, within_threat_model
-from .runs import latest_probe_run, policy_of
+from .runs import evidence_dir_of, latest_probe_run, policy_of
 
 COLLATERAL_SECTION = "Outside the policy"  # the report section of policy-wide probes (collateral damage)
 
@@ -36,7 +36,8 @@ def report_run(db, run_id: str, *, html: str | Path | None = None, json: str | P
     if html is None and json is None and markdown is None:
         html = f"report-{data['run']['id']}.html"
     out = ReportFiles(data)
-    for path, render in ((html, lambda: render_html(data, db.evidence_dir(), blur_unsafe=blur_unsafe)),
+    evidence_dir = evidence_dir_of(db, db.get_run(data["run"]["id"]))
+    for path, render in ((html, lambda: render_html(data, evidence_dir, blur_unsafe=blur_unsafe)),
                          (json, lambda: render_json(data)), (markdown, lambda: render_markdown(data))):
         if path is not None:
             out.written.append(write_atomically(Path(path), render()))

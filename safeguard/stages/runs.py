@@ -1,6 +1,8 @@
 """The recorded runs a stage starts from: the finished apply run a probe needs, the latest probe run of an
-apply run and the policy a run recorded."""
+apply run, the policy a run recorded and the folder a probe run keeps its images in."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from ..errors import AuditError
 from ..policy import LoadedPolicy, parse_policy_text
@@ -42,3 +44,21 @@ def latest_probe_run(db, run_id: str) -> dict:
                          fix="pass the id of an apply or probe run (see 'safeguard runs list')")
     return run
 
+
+
+def evidence_dir_for(db, loaded: LoadedPolicy) -> Path:
+    """Where a new probe run of ``loaded`` writes its images: ``output.evidence_dir`` (relative to the policy
+    file) when set, else the database's evidence folder."""
+    chosen = loaded.policy.output.evidence_dir
+    if chosen is None:
+        return db.evidence_dir()
+    folder = loaded.resolve(chosen, "output.evidence_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def evidence_dir_of(db, probe_run: dict) -> Path:
+    """Where a recorded probe run keeps its images: the folder in its stats (``evidence_dir``), else the
+    database's evidence folder (runs recorded before the folder was)."""
+    recorded = (probe_run.get("stats") or {}).get("evidence_dir")
+    return Path(recorded) if recorded else db.evidence_dir()
