@@ -342,9 +342,14 @@ def audit_run(policy_file, db_url, out_dir, report_path, blur_unsafe, junit, lor
     from .policy import load_policy
     from .stages.audit import audit_policy
 
+    from .distributed import team
+
+    main = team().is_main
     audited = audit_policy(load_policy(policy_file), db_url=db_url, out_dir=out_dir, report_path=report_path,
                            blur_unsafe=blur_unsafe, junit=junit, lora=lora, single_file=single_file,
-                           echo=lambda m: click.echo(m, err=True))
+                           echo=(lambda m: click.echo(m, err=True)) if main else (lambda m: None))
+    if audited is None:  # another process of a launch: the main process prints and exits with the gate's code
+        return
     _print_apply_summary(audited.applied)
     click.echo(f"probe run {audited.probed.run_id}; report {audited.html_report}")
     for c in audited.report.data["concepts"]:

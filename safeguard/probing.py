@@ -71,10 +71,19 @@ def _png_bytes(image) -> bytes:
 
 
 def _store_image(image, evidence_dir: Path) -> tuple[str, str]:
-    data = _png_bytes(image)
+    return store_png(_png_bytes(image), evidence_dir)
+
+
+def image_path(digest: str) -> str:
+    """Where the evidence folder keeps the image with this sha256 (content-addressed)."""
+    return (Path("images") / digest[:2] / f"{digest}.png").as_posix()
+
+
+def store_png(data: bytes, evidence_dir: Path) -> tuple[str, str]:
+    """Write PNG bytes into the evidence folder once; returns (relative path, sha256)."""
     digest = hashlib.sha256(data).hexdigest()
-    rel = Path("images") / digest[:2] / f"{digest}.png"
-    path = evidence_dir / rel
+    rel = Path(image_path(digest))
+    path = Path(evidence_dir) / rel
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -231,13 +240,17 @@ def run_probe(ctx: ProbeContext, db, run_id: str, concept, probe_cls, evidence_d
     t0 = time.perf_counter()
     shown = None
     try:
-        generated = probe_cls().cases(ctx, concept)
+        from .distributed import team
+
+        # One set of cases for every process of a launch (an attack is optimised once, by the main process).
+        generated = team().on_main(lambda: probe_cls().cases(ctx, concept), f"cases of {concept_name} / {probe_cls.name}")
         if not generated.cases:
             return ProbeOutcome(concept_name, probe_cls.name, probe_cls.kind, "unassessed", "the probe produced no prompts")
         per_round = generated.images_per_prompt or settings.images_per_prompt
         groups = _groups(generated.cases)
         plan = {g: planned_looks(len(cs), per_round, settings.max_images) for g, cs in groups.items()}
         rule = rule_for(ctx.policy.policy, probe_cls, concept)
+        team().recover(db, run_id, evidence_dir)  # samples a stopped launch finished but did not record
         recorded = [s for s in db.samples(run_id) if s["probe"] == probe_cls.name and s["concept"] == concept_name]
         decided: dict[str | None, int] = {}
         from .runtime import Progress
@@ -277,31 +290,74 @@ def run_probe(ctx: ProbeContext, db, run_id: str, concept, probe_cls, evidence_d
 
 def _render_round(ctx, db, run_id, probe, concept_name, cases, seeds, recorded, evidence_dir, shown=None) -> list[dict]:
     """Render, judge and record ``cases`` x ``seeds`` on both models, skipping what is recorded already;
-    ``shown`` (a :class:`safeguard.runtime.Progress`) counts the images rendered."""
+    ``shown`` (a :class:`safeguard.runtime.Progress`) counts the images rendered.
+
+    The work is cut into :func:`work_units` (one pipeline batch each), which the processes of a launch share
+    (:mod:`safeguard.distributed`); every process returns every new row, in the same order whatever their number."""
+    from .distributed import local_db, team
+
     done = {(s["model_role"], s["prompt"], s["seed"]) for s in recorded}
     new_rows = []
     for role, pipe in (("original", ctx.original), ("edited", ctx.edited)):
-        todo = [c for c in cases if any((role, c.prompt, s) not in done for s in seeds)]
-        if not todo:
+        jobs = [(i, s) for i, c in enumerate(cases) for s in seeds if (role, c.prompt, s) not in done]
+        if not jobs:
             continue
-        images = render(pipe, todo, seeds, ctx.settings, on_images=shown.advance if shown is not None else None)
-        rows = []
-        for case, per_seed in zip(todo, images):
-            probs, _ = ctx.judge.classify(per_seed, case.label_texts)
-            for s, image, p in zip(seeds, per_seed, probs):
-                if (role, case.prompt, s) in done:
-                    continue
-                rel, digest = _store_image(image, evidence_dir)
-                best = int(p.argmax())
-                rows.append(dict(probe=probe, concept=concept_name, model_role=role, prompt=case.prompt, seed=s,
-                                 image_path=rel, image_sha256=digest, label=case.labels[best],
-                                 scores={"labels": case.labels, "probs": [round(float(v), 5) for v in p],
-                                         "expected": case.expected, "hit": case.labels[best] == case.expected,
-                                         "group": case.group, "category": case.category}))
-        db.add_samples(run_id, rows)
-        new_rows += rows
+        units = work_units(cases, jobs, ctx.settings.batch_size)
+        new_rows += team().run_units(
+            units, lambda unit, role=role, pipe=pipe: _unit_samples(ctx, pipe, role, probe, concept_name, cases, unit),
+            record=lambda rows: local_db(db).add_samples(run_id, rows), evidence_dir=evidence_dir, run_id=run_id,
+            progress=shown.advance if shown is not None else None)
         crash_point("probe:mid-samples")
     return new_rows
+
+
+def work_units(cases: list[ProbeCase], jobs: list[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int]]]:
+    """(case index, seed) jobs cut into pipeline batches: text prompts ``batch_size`` jobs at a time in job
+    order, embedding cases ``batch_size`` seeds at a time per case. A unit is rendered and judged as a whole,
+    so its images do not depend on how many processes share the units."""
+    step = max(1, batch_size)
+    text = [j for j in jobs if cases[j[0]].prompt_embeds is None]
+    units = [text[k:k + step] for k in range(0, len(text), step)]
+    for i in dict.fromkeys(i for i, _ in jobs if cases[i].prompt_embeds is not None):
+        mine = [j for j in jobs if j[0] == i]
+        units += [mine[k:k + step] for k in range(0, len(mine), step)]
+    return units
+
+
+def _unit_samples(ctx, pipe, role, probe, concept_name, cases, unit) -> list[tuple[dict, bytes]]:
+    """Render and judge one unit: (sample row, PNG bytes) per job, in job order; nothing is written."""
+    import torch
+
+    from .encoding import render_embeddings
+
+    settings = ctx.settings
+    first = cases[unit[0][0]]
+    if first.prompt_embeds is None:
+        images = pipe(prompt=[cases[i].prompt for i, _ in unit], num_inference_steps=settings.steps,
+                      guidance_scale=settings.guidance_scale, **size_kwargs(settings),
+                      generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in unit]).images
+    else:
+        images = render_embeddings(pipe, first.prompt_embeds, seeds=[s for _, s in unit], steps=settings.steps,
+                                   guidance_scale=settings.guidance_scale,
+                                   pooled_prompt_embeds=first.pooled_prompt_embeds, batch_size=settings.batch_size,
+                                   **size_kwargs(settings))
+    by_case: dict[int, list[int]] = {}
+    for k, (i, _) in enumerate(unit):
+        by_case.setdefault(i, []).append(k)
+    out: dict[int, tuple[dict, bytes]] = {}
+    for i, ks in by_case.items():
+        case = cases[i]
+        probs, _ = ctx.judge.classify([images[k] for k in ks], case.label_texts)
+        for k, p in zip(ks, probs):
+            png = _png_bytes(images[k])
+            digest = hashlib.sha256(png).hexdigest()
+            best = int(p.argmax())
+            out[k] = (dict(probe=probe, concept=concept_name, model_role=role, prompt=case.prompt, seed=unit[k][1],
+                           image_path=image_path(digest), image_sha256=digest, label=case.labels[best],
+                           scores={"labels": case.labels, "probs": [round(float(v), 5) for v in p],
+                                   "expected": case.expected, "hit": case.labels[best] == case.expected,
+                                   "group": case.group, "category": case.category}), png)
+    return [out[k] for k in range(len(unit))]
 
 
 def decide_groups(rule: Rule, samples: list[dict], plan: dict, final_look: int | None) -> dict:
