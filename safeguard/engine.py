@@ -93,7 +93,7 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
     ``<output>/<output name>.safetensors`` in the original layout."""
     from . import modelio
     from .db import open_db
-    from .provenance import actor, argv, package_versions
+    from .provenance import argv
 
     plan = make_plan(loaded, out_dir)
     policy = loaded.policy
@@ -108,7 +108,7 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
     db = open_db(db_url)
     db.mark_stale_running_runs_failed()  # runs whose process was killed show as failed, not running forever
     parent_record = modelio.read_edit_record(source) if isinstance(source, Path) else None
-    run_id = db.start_run(kind="apply", policy=loaded, argv=argv(), versions=package_versions(), **actor(),
+    run_id = db.start_run(kind="apply", policy=loaded, argv=argv(),
                           eraser_name=plan.eraser_cls.name, eraser_version=plan.eraser_cls.version,
                           eraser_params=plan.params.model_dump(mode="json"), seed=plan.request.seed,
                           parent_run_id=(parent_record or {}).get("run_id"))

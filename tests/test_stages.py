@@ -213,3 +213,24 @@ def test_an_evidence_dir_outside_the_allowed_folders_is_refused_naming_the_field
     applied = apply_policy(load_policy(ws / "policy.yaml"), echo=lambda m: None)
     with pytest.raises(PolicyError, match="output.evidence_dir"):
         probe_run(open_db(), applied.run_id, echo=lambda m: None)
+
+
+# --- provenance and the recorded policy hash -------------------------------------------------------------------
+def test_each_run_records_versions_and_user_once_and_the_report_shows_the_recorded_policy_hash(ws):
+    from sqlalchemy import update
+
+    from safeguard import apply_policy, probe_run, report_data
+    from safeguard.db import Run, open_db
+    from safeguard.provenance import actor, collect_versions
+
+    applied = apply_policy(loaded_policy(ws, "never-target"), echo=lambda m: None)
+    db = open_db()
+    probed = probe_run(db, applied.run_id, echo=lambda m: None)
+    for run_id in (applied.run_id, probed.run_id):
+        run = db.get_run(run_id)
+        assert run["versions"] == collect_versions() and (run["user"], run["host"]) == tuple(actor().values())
+    recorded = db.get_run(applied.run_id)["policy_sha256"]
+    assert report_data(db, probed.run_id)["policy"]["sha256"] == recorded
+    with db.session() as session:  # the report repeats what was recorded, whatever the text hashes to today
+        session.execute(update(Run).where(Run.id == applied.run_id).values(policy_sha256="f" * 64))
+    assert report_data(db, probed.run_id)["policy"]["sha256"] == "f" * 64

@@ -3,53 +3,26 @@ transaction, and read them back as plain dicts."""
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import os
-import platform
 import socket
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from safeguard import __version__
 from safeguard.errors import AuditError
+from safeguard.provenance import actor, collect_versions
 
 from .chain import _records_payload, append_event
 from .connection import READ_ONLY, _location
 from .schema import (MODEL_ROLES, PROBE_STATUSES, RUN_KINDS, AuditEvent, AuditHead, Base, ConceptEdit, GateDecision,
                      LayerEdit, Model, ProbeResult, Run, Sample, _prepare_row)
 from .values import json_document, json_value, model_file_list, new_id, tree_sha256 as _tree_sha256, utc_now
-
-
-def _username() -> str | None:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry for this uid (containers)
-        return str(os.getuid()) if hasattr(os, "getuid") else None
-
-
-def collect_versions() -> dict[str, Any]:
-    """Versions of safeguard, its plugins, python and the ML libraries, read from package metadata (no imports)."""
-    def version(distribution: str) -> str | None:
-        try:
-            return metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            return None
-
-    plugins = {}
-    for entry_point in metadata.entry_points(group="safeguard"):
-        dist = entry_point.dist
-        plugins[entry_point.name] = f"{dist.name} {dist.version}" if dist else None
-    return {"safeguard": __version__, "python": platform.python_version(), "torch": version("torch"),
-            "diffusers": version("diffusers"), "transformers": version("transformers"),
-            "open_clip": version("open_clip_torch"), "plugins": plugins}
 
 
 def _as_mapping(item: Any) -> dict[str, Any]:
@@ -164,14 +137,15 @@ class Database:
             policy_text = policy_text if policy_text is not None else policy.text
             policy_path = str(getattr(policy, "path", "") or "") or None
             policy_canonical_json = policy_canonical_json or policy.canonical_json
+        who = actor()
         with self.session() as session:
             if parent_run_id is not None and session.get(Run, parent_run_id) is None:
                 raise self._missing(f"parent run {parent_run_id}")
             if input_model_id is not None and session.get(Model, input_model_id) is None:
                 raise self._missing(f"input model {input_model_id}", fix="record it with record_model first")
             run = Run(kind=kind, status="running", started_at=utc_now(),
-                      user=user if user is not None else _username(),
-                      host=host if host is not None else socket.gethostname(), pid=os.getpid(),
+                      user=user if user is not None else who["user"],
+                      host=host if host is not None else who["host"], pid=os.getpid(),
                       argv=json_value(list(argv if argv is not None else sys.argv), "argv"),
                       versions=json_value({**collect_versions(), **(versions or {})}, "versions"),
                       policy_name=policy_name, policy_sha256=policy_sha256, policy_text=policy_text,

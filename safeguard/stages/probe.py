@@ -27,7 +27,7 @@ def probe_run(db, run_id: str, *, resume: bool = False, kinds: list[str] | None 
     from .. import modelio
     from ..plugins import get_judges, get_probes
     from ..probing import ProbeContext, image_similarity, rule_for, run_probe, summarise, verify_model_files
-    from ..provenance import actor, argv, package_versions
+    from ..provenance import argv
 
     if resume:
         probe_row = db.get_run(run_id)
@@ -47,7 +47,7 @@ def probe_run(db, run_id: str, *, resume: bool = False, kinds: list[str] | None 
     check_seeds_disjoint(apply_run, loaded)
     if probe_id is None:
         evidence_dir = evidence_dir_for(db, loaded)
-        probe_id = db.start_run(kind="probe", policy=loaded, argv=argv(), versions=package_versions(), **actor(),
+        probe_id = db.start_run(kind="probe", policy=loaded, argv=argv(),
                                 parent_run_id=apply_run["id"], seed=policy.probes.seed)
         db.update_run(probe_id, stats={"evidence_dir": str(evidence_dir)})  # where the report finds the images
     else:

@@ -95,7 +95,9 @@ def report_data(db, run_id: str) -> dict:
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "run": {k: run.get(k) for k in ("id", "kind", "status", "started_at", "finished_at", "user", "host", "argv", "versions")},
         "apply_run": {k: apply_run.get(k) for k in ("id", "eraser_name", "eraser_version", "eraser_params", "stats")},
-        "policy": {"name": policy.name, "sha256": loaded.sha256, "canonical_json": loaded.canonical_json, "text": loaded.text},
+        # The hash the apply run recorded, not one computed again from its text.
+        "policy": {"name": policy.name, "sha256": apply_run["policy_sha256"],
+                   "canonical_json": apply_run.get("policy_canonical_json") or loaded.canonical_json, "text": loaded.text},
         "models": {"original": _model_view(models.get("input")), "edited": _model_view(models.get("output"))},
         "judge": judge,
         "verdict": {"verdict": decision.verdict, "exit_code": int(decision.exit_code), "reasons": decision.reasons},
