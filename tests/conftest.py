@@ -26,3 +26,23 @@ def tiny_pipe(tiny_pipeline_root):
     from fixtures import tiny_pipeline
 
     return lambda kind: tiny_pipeline(kind, root=tiny_pipeline_root)
+
+
+@pytest.fixture
+def standin_workspace(tmp_path, tiny_pipeline_root, monkeypatch):
+    """The working directory of a run on the tiny "sd1-bert" pipeline (copied to ``model``), with its own audit
+    database and the stand-in judges of tests/standin_plugins.py registered."""
+    import shutil
+
+    import standin_plugins
+    from fixtures import tiny_pipeline_dir
+    from safeguard.plugins import pm
+
+    shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
+    pm.register(standin_plugins, name="test-judges")
+    try:
+        yield tmp_path
+    finally:
+        pm.unregister(name="test-judges")

@@ -1,27 +1,18 @@
 """The stage functions as a library: apply, probe, gate, report and the one-shot audit, called the way the CLI
 and bench/ call them, on a tiny pipeline with stand-in judges."""
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-import standin_plugins
-from fixtures import tiny_pipeline_dir, tiny_policy_text
+from fixtures import tiny_policy_text
 from safeguard.plugins import pm
 
 
 @pytest.fixture
-def ws(tmp_path, tiny_pipeline_root, monkeypatch):
-    shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), tmp_path / "model")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
-    pm.register(standin_plugins, name="test-judges")
-    try:
-        yield tmp_path
-    finally:
-        pm.unregister(name="test-judges")
+def ws(standin_workspace):
+    return standin_workspace
 
 
 def loaded_policy(ws, judge: str, **fields):
