@@ -111,7 +111,7 @@ def _original_latents(ctx, prompts, seed_offset: int):
     for k, prompt in enumerate(prompts):
         result = ctx.original(prompt=prompt, num_inference_steps=ctx.settings.steps, guidance_scale=ctx.settings.guidance_scale,
                               generator=torch.Generator().manual_seed(seed_offset + k), output_type="latent",
-                              **size_kwargs(ctx.settings))
+                              **size_kwargs(ctx.settings, ctx.original))
         out.append(result.images)
     return torch.cat(out)
 

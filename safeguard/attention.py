@@ -296,6 +296,19 @@ def capturing_cross_attention(
         denoiser.set_attn_processor(dict(originals))
 
 
+def size_options(pipe, height: int | None, width: int | None) -> dict[str, Any]:
+    """Pipeline keyword arguments that render at ``height`` x ``width`` pixels (None: the pipeline's default, the
+    model's native size). A pipeline that snaps sizes to its training resolutions (PixArt's
+    ``use_resolution_binning``) is told not to, so the size asked for is the size computed."""
+    options = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    if options and pipe is not None:
+        import inspect
+
+        if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
+            options["use_resolution_binning"] = False
+    return options
+
+
 @contextlib.contextmanager
 def _progress_bar_disabled(pipe) -> Iterator[None]:
     """Silence the pipeline's per-step progress bar for the many short calls a capture makes."""
@@ -347,7 +360,7 @@ def capture_prompt_activations(
     denoiser = denoiser_of(pipe)
     recorder = ActivationRecorder()
     per_prompt: dict[str, list[torch.Tensor]] = defaultdict(list)  # layer -> one [seeds * E, width] per prompt
-    call_options: dict[str, Any] = {"height": height, "width": width}
+    call_options: dict[str, Any] = size_options(pipe, height, width)
 
     calls = -(-len(prompts) // batch_size) * len(seeds)
     with (_progress_bar_disabled(pipe), capturing_cross_attention(denoiser, recorder, layers),

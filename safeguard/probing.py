@@ -21,10 +21,13 @@ from .faults import crash_point
 from .policy import Policy
 
 
-def size_kwargs(settings) -> dict:
+def size_kwargs(settings, pipe=None) -> dict:
     """``height``/``width`` for a pipeline call from probe settings (``probes.height``/``width``); none when they
-    are unset, so the pipeline renders at the model's native size."""
-    return {k: v for k in ("height", "width") if (v := getattr(settings, k, None)) is not None}
+    are unset, so the pipeline renders at the model's native size. A set size is the size rendered: pipelines
+    that would snap it to their nearest training resolution (PixArt's resolution binning) are told not to."""
+    from .attention import size_options
+
+    return size_options(pipe, getattr(settings, "height", None), getattr(settings, "width", None))
 
 
 def render(pipe, cases: list[ProbeCase], seeds: list[int], settings, on_images=None) -> list[list]:
@@ -45,7 +48,7 @@ def render(pipe, cases: list[ProbeCase], seeds: list[int], settings, on_images=N
     for start in range(0, len(text_jobs), settings.batch_size):
         chunk = text_jobs[start:start + settings.batch_size]
         images = pipe(prompt=[cases[i].prompt for i, _ in chunk], num_inference_steps=settings.steps,
-                      guidance_scale=settings.guidance_scale, **size_kwargs(settings),
+                      guidance_scale=settings.guidance_scale, **size_kwargs(settings, pipe),
                       generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]).images
         results.update(zip(chunk, images))
         if on_images is not None:
@@ -334,7 +337,7 @@ def _unit_samples(ctx, pipe, role, probe, concept_name, cases, unit) -> list[tup
     first = cases[unit[0][0]]
     if first.prompt_embeds is None:
         images = pipe(prompt=[cases[i].prompt for i, _ in unit], num_inference_steps=settings.steps,
-                      guidance_scale=settings.guidance_scale, **size_kwargs(settings),
+                      guidance_scale=settings.guidance_scale, **size_kwargs(settings, pipe),
                       generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in unit]).images
     else:
         images = render_embeddings(pipe, first.prompt_embeds, seeds=[s for _, s in unit], steps=settings.steps,

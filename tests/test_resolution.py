@@ -71,3 +71,31 @@ def test_embedding_cases_render_at_the_probe_resolution_too(tiny_pipe):
     case = ProbeCase("soft prompt", "pikachu", ["pikachu", "nothing"], ["pikachu", "nothing"], prompt_embeds=embeds)
     images = render(pipe, [case], [7], ProbeSettings(steps=1, height=16, width=32))
     assert images[0][0].size == (32, 16)
+
+
+def test_pixart_captures_and_renders_at_the_size_asked_for_not_its_bin(tiny_pipe):
+    pipe = tiny_pipe("pixart")
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        tuple((args[0] if args else kwargs["hidden_states"]).shape[-2:])), with_kwargs=True)
+    try:
+        # two steps: PixArt's pipeline treats a single step as a distilled (DMD) model
+        get_erasers()["pure"]().erase(pipe, REQUEST, {"steps": 2, "seeds": 1, "height": 64, "width": 32})
+        case = ProbeCase("a photo of pikachu", "pikachu", ["pikachu", "nothing"], ["pikachu", "nothing"])
+        images = render(pipe, [case], [3], ProbeSettings(steps=2, height=64, width=32))
+    finally:
+        handle.remove()
+    factor = pipe.vae_scale_factor
+    assert set(seen) == {(64 // factor, 32 // factor)}  # resolution binning would have picked a 256-px bin
+    assert images[0][0].size == (32, 64)
+
+
+def test_sdxl_embedding_cases_render_with_the_empty_prompts_pooled_branch(tiny_pipe):
+    from safeguard.encoding import encode_prompts
+
+    pipe = tiny_pipe("sdxl")
+    encoded = encode_prompts(pipe, ["a photo of pikachu"])
+    case = ProbeCase("soft prompt", "pikachu", ["pikachu", "nothing"], ["pikachu", "nothing"],
+                     prompt_embeds=encoded.embeds, pooled_prompt_embeds=encoded.pooled)
+    images = render(pipe, [case], [5], ProbeSettings(steps=1))
+    assert len(images[0]) == 1
