@@ -1,5 +1,5 @@
 """Real-size architectures with random weights (tests/realsize.py): apply and one probe on each, at reduced
-resolution and steps. Opt-in and slow (minutes each; SDXL needs about 15 GB of memory):
+resolution and steps. Opt-in and slow (minutes each; SDXL peaks at about 16 GB of memory):
 
     pytest -m realsize tests/test_realsize.py -s
 """
