@@ -1,9 +1,9 @@
 """Why projections of cross-attention K/V do or do not erase a concept on the embedded world, measured in
 this run on the dev split (nothing here reads the test split).
 
-    python bench/diagnose_erasure.py [--parts energy,ablation,variants] [--images 4]
+    python bench/diagnose_erasure.py [--parts energy,binary,ablation,variants] [--images 4]
 
-Three parts, each printing its own table:
+Four parts, each printing its own table:
 
 - ``energy`` (no rendering): per cross-attention layer, from mean-pooled attention outputs (PURE's rows),
   how much of the uncentred forget energy the first direction holds; for each banned concept, which share
@@ -12,6 +12,8 @@ Three parts, each printing its own table:
   centred energy outside the span of all the *other* concepts' centred rows (leave-one-out), against the
   layer width. A concept whose energy lies almost wholly in the other concepts' span cannot be removed by
   a projection without removing them.
+- ``binary``: the paper's binary-probing experiment: recall of each concept's held-out (dev) paraphrases
+  from a basis of three short anchors, in activation space against text-encoder space.
 - ``ablation``: the one operator that erases on this model (E = P_R on the demo retain set) applied to one
   group of layers at a time, and to keys only or values only, with banned canonical recognition: where the
   concept is read.
@@ -186,7 +188,6 @@ def token_rows(pipe, prompts):
 
 
 def ablation(pipe, judge, request, banned, demo_retain, images: int, original) -> None:
-    import torch
 
     pure = _pure()
     H_R = pure.capture_rows(pipe, demo_retain, **CAPTURE)
@@ -285,6 +286,55 @@ def variants(pipe, judge, request, banned, demo_retain, broad_retain, collateral
           f"2 held-out prompts x {max(1, images // 2)} per concept; seeds from {RENDER_SEED}.")
 
 
+def binary_probing(pipe, images_unused=None) -> None:
+    """The paper's binary-probing experiment on the world: a basis per concept from three short anchors, in
+    cross-attention activation space (mean-pooled rows, every layer) and in text-encoder space (token states);
+    each held-out dev paraphrase is given to the concept whose basis holds the largest share of its centred
+    energy; recall is the share of a concept's paraphrases given to it (chance 1/14)."""
+    import torch
+
+    from safeguard.attention import capture_per_prompt
+    from safeguard.world import concepts as C
+
+    pure = _pure()
+    concepts = [c for c in C.ALL if c.has_heldout]
+    anchors = {c.key: canonical(c) for c in concepts}
+    heldout = {c.key: list(c.dev_paraphrases) for c in concepts}
+    prompts = [p for c in concepts for p in anchors[c.key] + heldout[c.key]]
+    rows = capture_per_prompt(pipe, prompts, steps=CAPTURE["steps"], seeds=range(CAPTURE["seeds"]),
+                              guidance_scale=CAPTURE["guidance_scale"], batch_size=CAPTURE["batch_size"])
+    layers = list(next(iter(rows.values())))
+    with torch.no_grad():
+        tokens = {p: token_rows(pipe, [p]) for p in prompts}
+
+    def recall(features):  # features: prompt -> list of [rows, width] (one per layer or space)
+        parts = len(features[prompts[0]])
+        means = [torch.cat([features[p][i] for c in concepts for p in anchors[c.key]]).mean(0, keepdim=True)
+                 for i in range(parts)]
+        bases = {c.key: [pure.subspace_basis(torch.cat([features[p][i] for p in anchors[c.key]]) - means[i], 0.99)
+                         for i in range(parts)] for c in concepts}
+        hits = {}
+        for c in concepts:
+            right = 0
+            for p in heldout[c.key]:
+                scores = {k: sum(share_in(features[p][i] - means[i], bases[k][i]) for i in range(parts))
+                          for k in bases}
+                right += max(scores, key=scores.get) == c.key
+            hits[c.key] = right / len(heldout[c.key])
+        return hits
+
+    activation = recall({p: [rows[p][layer].double() for layer in layers] for p in prompts})
+    text = recall({p: [tokens[p]] for p in prompts})
+    print("\n## binary probing (dev paraphrases): recall of the concept from a 3-anchor basis")
+    print(f"{'concept':<22}{'activation':>11}{'text':>7}")
+    for c in concepts:
+        print(f"{c.name:<22}{activation[c.key]:>11.2f}{text[c.key]:>7.2f}")
+    mean_a = sum(activation.values()) / len(activation)
+    mean_t = sum(text.values()) / len(text)
+    print(f"{'mean':<22}{mean_a:>11.2f}{mean_t:>7.2f}   ratio activation/text {mean_a / max(mean_t, 1e-9):.2f} "
+          f"(chance {1 / len(concepts):.2f})")
+
+
 def main() -> None:
     from safeguard.engine import make_plan
     from safeguard.modelio import load_pipeline
@@ -293,7 +343,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("policy", nargs="?", default="policies/demo.yaml")
-    ap.add_argument("--parts", default="energy,ablation,variants")
+    ap.add_argument("--parts", default="energy,binary,ablation,variants")
     ap.add_argument("--images", type=int, default=4, help="images per canonical prompt (half that elsewhere)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -309,6 +359,8 @@ def main() -> None:
         energy(pipe, request, banned, demo_retain, broad_retain)
     if "ablation" in parts:
         ablation(pipe, judge, request, banned, demo_retain, args.images, original)
+    if "binary" in parts:
+        binary_probing(pipe)
     if "variants" in parts:
         variants(pipe, judge, request, banned, demo_retain, broad_retain, collateral, args.images, original)
     print(f"\n{time.perf_counter() - started:.0f}s in all")
