@@ -111,10 +111,17 @@ TEST_SPLIT_REFERENCES = [
 ]
 
 
+# Scripts that report fixed settings on the test split and choose nothing (bench/RESULTS.md is written from
+# their run). Every other bench script sweeps or tunes, so it may only see the dev split.
+REPORTING_SCRIPTS = {"erasure.py"}
+
+
 def test_bench_sources_never_reference_the_test_split():
     sources = sorted(BENCH.rglob("*.py"))
-    assert sources
+    assert sources and REPORTING_SCRIPTS <= {p.name for p in sources}
     for path in sources:
+        if path.name in REPORTING_SCRIPTS:
+            continue
         text = path.read_text()
         for pattern in TEST_SPLIT_REFERENCES:
             hit = re.search(pattern, text)
