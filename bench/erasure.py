@@ -33,11 +33,12 @@ from pathlib import Path
 STEPS, GUIDANCE, SEED = 20, 5.0, 7000
 CATEGORY_POLICIES = {"style": ("van_gogh", "warhol"), "character": ("pikachu", "mario"),
                      "person": ("einstein", "obama"), "unsafe": ("blood", "gun")}
+# key: (eraser, parameters, label in the table)
 DEFAULT_ERASERS = {
-    "none": ("none", {}),
-    "uce": ("uce", {}),
-    "pure (paper, tau 0.99)": ("pure", {"tau": 0.99}),
-    "retain_projection (tau_retain 0.75)": ("retain_projection", {"tau_retain": 0.75}),
+    "none": ("none", {}, "none"),
+    "uce": ("uce", {}, "UCE (faithful)"),
+    "pure": ("pure", {"tau": 0.99}, "PURE (paper, τ 0.99)"),
+    "retain_projection": ("retain_projection", {"tau_retain": 0.75}, "retain_projection (τ_retain 0.75)"),
 }
 
 
@@ -187,7 +188,7 @@ def main() -> None:
     from safeguard.world.quality import load_judge
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--erasers", default=",".join(DEFAULT_ERASERS), help="comma-separated labels of DEFAULT_ERASERS")
+    ap.add_argument("--erasers", default=",".join(DEFAULT_ERASERS), help="comma-separated keys of DEFAULT_ERASERS")
     ap.add_argument("--singles", action="store_true", help="also erase every concept with held-out prompts alone")
     ap.add_argument("--images", type=int, default=4, help="images per canonical prompt (half that elsewhere)")
     ap.add_argument("--paraphrases", type=int, default=8, help="test-split paraphrases per banned concept")
@@ -209,8 +210,8 @@ def main() -> None:
         for concept in [c for c in C.ALL if c.has_heldout]:
             policies[f"alone: {concept.name}"] = (None, policy_text(concept.key, (concept.key,)))
 
-    def measure(request, eraser_label):
-        name, params = chosen[eraser_label]
+    def measure(request, key):
+        name, params, _ = chosen[key]
         pipe.unet.load_state_dict(original_state)
         edit_started = time.perf_counter()
         if name != "none":
@@ -237,8 +238,8 @@ def main() -> None:
             request = make_plan(load_policy(path)).request
         else:
             request = request_for(text)
-        for eraser_label in chosen:
-            s, seconds = measure(request, eraser_label)
+        for key, (_, _, eraser_label) in chosen.items():
+            s, seconds = measure(request, key)
             line = (f"| {policy_label} | {eraser_label} | {s['canonical']} | {s['paraphrase']} | {s['neighbours']} | "
                     f"{s['collateral']} | {s['keep']} | {s['hm']} | {seconds:.1f} |")
             lines.append(line)
@@ -250,10 +251,10 @@ def main() -> None:
         for retain in ("neighbours", "everything"):
             text = policy_text("tradeoff", ("van_gogh", "pikachu", "blood"), retain=retain)
             request = request_for(text)
-            for eraser_label in chosen:
-                if chosen[eraser_label][0] == "none":
+            for key, (name, _, eraser_label) in chosen.items():
+                if name == "none":
                     continue
-                s, _ = measure(request, eraser_label)
+                s, _ = measure(request, key)
                 line = f"| {retain} | {eraser_label} | {s['canonical']} | {s['collateral']} |"
                 lines.append(line)
                 print(line, flush=True)
