@@ -33,9 +33,32 @@ from safeguard import hookimpl
 from safeguard.erasers import BASIS_KINDS, EraseRequest, EraseResult, LayerEdit, editable_layers, replace_weight, validated_params
 
 
-class PureParams(BaseModel):
+class CaptureParams(BaseModel):
+    """How anchor activations are captured: the settings PURE and the retain projection share."""
+
     model_config = ConfigDict(extra="forbid")
 
+    steps: int = Field(6, ge=1, description="denoising steps per anchor trajectory")
+    seeds: int = Field(2, ge=1, description="starting latents per anchor (seeds request.seed, request.seed + 1, ...)")
+    guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance during capture; rows come from the conditional branch")
+    batch_size: int = Field(8, ge=1, description="prompts per pipeline call during capture")
+    height: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the "
+                                                   "model's native size. Lower is faster on a CPU")
+    width: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the model's "
+                                                  "native size")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, value):
+        return check_size(value)
+
+    def capture_settings(self, seed: int) -> dict:
+        """Keyword arguments of :func:`capture_rows` for these settings, from ``seed``."""
+        return dict(steps=self.steps, seeds=self.seeds, guidance_scale=self.guidance_scale,
+                    batch_size=self.batch_size, seed=seed, height=self.height, width=self.width)
+
+
+class PureParams(CaptureParams):
     # Default 0.999. The SVD is uncentred, so the first direction (the mean shared by all anchors) holds most
     # of the energy (93-96% on the tiny test models) and the threshold really cuts into the small remainder that
     # tells prompts apart. Retain activations lose whatever the retain basis leaves out, about sqrt(1 - tau) of
@@ -54,21 +77,8 @@ class PureParams(BaseModel):
     tau_forget: float | None = Field(None, gt=0, le=1, description="override of tau for the forget subspace "
                                      "(default: tau); 1.0 with enough rows reduces the edit to a retain projection")
     tau_retain: float | None = Field(None, gt=0, le=1, description="override of tau for the retain subspace (default: tau)")
-    steps: int = Field(6, ge=1, description="denoising steps per anchor trajectory")
-    seeds: int = Field(2, ge=1, description="starting latents per anchor (seeds request.seed, request.seed + 1, ...)")
-    guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance during capture; rows come from the conditional branch")
     center: bool = Field(False, description="subtract the row mean before the SVD (the method is uncentred)")
     max_rank: int | None = Field(None, ge=1, description="upper bound on each basis' rank")
-    batch_size: int = Field(8, ge=1, description="prompts per pipeline call during capture")
-    height: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the "
-                                                   "model's native size. Lower is faster on a CPU")
-    width: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the model's "
-                                                  "native size")
-
-    @field_validator("height", "width")
-    @classmethod
-    def _size(cls, value):
-        return check_size(value)
 
 
 # ------------------------------------------------------------------------------------------------- math
@@ -294,8 +304,7 @@ class PureEraser:
 
         denoiser, layers = editable_layers(pipe)
 
-        capture = dict(steps=params.steps, seeds=params.seeds, guidance_scale=params.guidance_scale,
-                       batch_size=params.batch_size, seed=request.seed, height=params.height, width=params.width)
+        capture = params.capture_settings(request.seed)
         H_F = capture_rows(pipe, forget_prompts, **capture)
         H_R = capture_rows(pipe, retain_prompts, **capture) if retain_prompts else {}
         capture_seconds = time.perf_counter() - started

@@ -21,13 +21,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from safeguard import hookimpl
 from safeguard.builtin.pure import (
+    CaptureParams,
     bases_artefacts,
     capture_rows,
-    check_size,
     check_prompts,
     explained_variance,
     layer_bases,
@@ -37,26 +37,11 @@ from safeguard.builtin.pure import (
 from safeguard.erasers import EraseRequest, EraseResult, LayerEdit, editable_layers, validated_params
 
 
-class RetainProjectionParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RetainProjectionParams(CaptureParams):
     tau_retain: float = Field(
         0.999, gt=0, le=1,
         description="cumulative-variance threshold of the retain basis (uncentred SVD of the retain activations)",
     )
-    steps: int = Field(6, ge=1, description="denoising steps per anchor trajectory")
-    seeds: int = Field(2, ge=1, description="starting latents per anchor (seeds request.seed, request.seed + 1, ...)")
-    guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance during capture; rows come from the conditional branch")
-    batch_size: int = Field(8, ge=1, description="prompts per pipeline call during capture")
-    height: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the "
-                                                   "model's native size")
-    width: int | None = Field(None, ge=8, description="capture resolution in pixels (a multiple of 8); null: the model's "
-                                                  "native size")
-
-    @field_validator("height", "width")
-    @classmethod
-    def _size(cls, value):
-        return check_size(value)
 
 
 class RetainProjectionEraser:
@@ -81,9 +66,7 @@ class RetainProjectionEraser:
 
         denoiser, layers = editable_layers(pipe)
 
-        H_R = capture_rows(pipe, retain_prompts, steps=params.steps, seeds=params.seeds,
-                           guidance_scale=params.guidance_scale, batch_size=params.batch_size, seed=request.seed,
-                           height=params.height, width=params.width)
+        H_R = capture_rows(pipe, retain_prompts, **params.capture_settings(request.seed))
         capture_seconds = time.perf_counter() - started
 
         edits: list[LayerEdit] = []
