@@ -30,7 +30,8 @@ class AuditOutcome:
 def default_report_path(loaded: LoadedPolicy) -> Path:
     """``report-<policy name>.html`` beside the policy's output folder, relative to the policy file."""
     path = Path(loaded.policy.output.dir).parent / f"report-{loaded.policy.name}.html"
-    return path if path.is_absolute() else loaded.base_dir / path
+    # resolve(): a policy in a subfolder names its output with ".."; print and record the plain path.
+    return (path if path.is_absolute() else loaded.base_dir / path).resolve()
 
 
 def audit_policy(loaded: LoadedPolicy, *, db_url: str | None = None, out_dir: str | None = None,
