@@ -324,6 +324,23 @@ def _progress_bar_disabled(pipe) -> Iterator[None]:
             del pipe._progress_bar_config
 
 
+def _prompt_conditioning(pipe, batch: list[str], guidance_scale: float) -> dict[str, Any]:
+    """What ``pipe`` is called with for ``batch``: its text embeddings, encoded once for every seed (the text
+    encoder costs more than a small denoiser's call), or the prompts themselves where the pipeline needs
+    more than embeddings (PixArt's attention masks) or cannot take them."""
+    from .encoding import call_parameters, encode_prompts
+
+    params = call_parameters(pipe)
+    if (not hasattr(pipe, "encode_prompt") or "prompt_embeds" not in params
+            or "prompt_attention_mask" in params):
+        return {"prompt": batch}
+    encoded = encode_prompts(pipe, batch, with_negative=guidance_scale > 1)
+    conditioning = {"prompt_embeds": encoded.embeds, "negative_prompt_embeds": encoded.negative}
+    if "pooled_prompt_embeds" in params:
+        conditioning.update(pooled_prompt_embeds=encoded.pooled, negative_pooled_prompt_embeds=encoded.negative_pooled)
+    return conditioning
+
+
 def capture_prompt_activations(
     pipe,
     prompts: Sequence[str],
@@ -369,11 +386,12 @@ def capture_prompt_activations(
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             by_seed: dict[str, list[torch.Tensor]] = defaultdict(list)  # layer -> [E, batch, width] per seed
+            conditioning = _prompt_conditioning(pipe, batch, guidance_scale)
             for seed in seeds:
                 recorder.clear()
                 recorder.conditional_batch = len(batch)
                 pipe(
-                    batch,
+                    **conditioning,
                     num_inference_steps=steps,
                     guidance_scale=guidance_scale,
                     generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in batch],

@@ -171,3 +171,18 @@ def test_recorder_rejects_an_unexpected_batch():
     assert recorder.evaluations("layer").shape == (1, 2, 3)
     with pytest.raises(RuntimeError, match="batch of 3"):
         recorder.record("layer", torch.ones(3, 3))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_capture_conditions_each_batch_exactly_as_its_prompts_would(tiny_pipe, kind):
+    # Capture encodes a batch once and reuses the embeddings for every seed; the pipeline must then denoise
+    # exactly as it does from the prompts themselves (SDXL: with the pooled embeddings too).
+    from safeguard.attention import _prompt_conditioning
+
+    pipe = tiny_pipe(kind)
+    conditioning = _prompt_conditioning(pipe, PROMPTS, guidance_scale=5.0)
+    from_embeddings = pipe(**conditioning, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+                           generator=[torch.Generator().manual_seed(0) for _ in PROMPTS]).images
+    assert torch.equal(from_embeddings, _latents(pipe, PROMPTS))
+    if kind != "pixart":  # PixArt needs its attention masks, so it is called with the prompts
+        assert "prompt" not in conditioning
