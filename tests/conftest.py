@@ -29,16 +29,12 @@ def tiny_pipe(tiny_pipeline_root):
 
 
 @pytest.fixture
-def standin_workspace(tmp_path, tiny_pipeline_root, monkeypatch):
-    """The working directory of a run on the tiny "sd1-bert" pipeline (copied to ``model``), with its own audit
-    database and the stand-in judges of tests/standin_plugins.py registered."""
-    import shutil
-
+def standin_empty_workspace(tmp_path, monkeypatch):
+    """An empty working directory with its own audit database and the stand-in judges of
+    tests/standin_plugins.py registered."""
     import standin_plugins
-    from fixtures import tiny_pipeline_dir
     from safeguard.plugins import pm
 
-    shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), tmp_path / "model")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
     pm.register(standin_plugins, name="test-judges")
@@ -46,3 +42,14 @@ def standin_workspace(tmp_path, tiny_pipeline_root, monkeypatch):
         yield tmp_path
     finally:
         pm.unregister(name="test-judges")
+
+
+@pytest.fixture
+def standin_workspace(standin_empty_workspace, tiny_pipeline_root):
+    """:func:`standin_empty_workspace` with the tiny "sd1-bert" pipeline copied to ``model``."""
+    import shutil
+
+    from fixtures import tiny_pipeline_dir
+
+    shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), standin_empty_workspace / "model")
+    return standin_empty_workspace

@@ -2,31 +2,21 @@
 never part of the audited model hash."""
 import json
 import re
-import shutil
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-import standin_plugins
-from fixtures import tiny_pipeline_dir, tiny_policy_text
+from fixtures import tiny_policy_text
 from safeguard import modelcard
 from safeguard.cli import cli
 from safeguard.db import open_db
 from safeguard.modelio import EDIT_RECORD, hash_model_folder
-from safeguard.plugins import pm
 
 
 @pytest.fixture
-def ws(tmp_path, tiny_pipeline_root, monkeypatch):
-    shutil.copytree(tiny_pipeline_dir("sd1-bert", root=tiny_pipeline_root), tmp_path / "model")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
-    pm.register(standin_plugins, name="test-judges")
-    try:
-        yield tmp_path
-    finally:
-        pm.unregister(name="test-judges")
+def ws(standin_workspace):
+    return standin_workspace
 
 
 def invoke(*args):

@@ -7,14 +7,12 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-import standin_plugins
 from fixtures import tiny_pipeline_dir
 from safeguard import modelio, singlefile
 from safeguard.cli import cli
 from safeguard.db import open_db
 from safeguard.errors import ModelError
 from safeguard.modelio import EDIT_RECORD, load_pipeline
-from safeguard.plugins import pm
 
 POLICY = """\
 version: 1
@@ -49,14 +47,8 @@ output:
 
 
 @pytest.fixture
-def ws(tmp_path, tiny_pipeline_root, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SAFEGUARD_DB", f"sqlite:///{tmp_path}/audit.db")
-    pm.register(standin_plugins, name="test-judges")
-    try:
-        yield tmp_path
-    finally:
-        pm.unregister(name="test-judges")
+def ws(standin_empty_workspace):
+    return standin_empty_workspace
 
 
 def write_policy(ws, source, config=None):
