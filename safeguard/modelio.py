@@ -330,16 +330,7 @@ def load_pipeline(source: str | Path, revision: str | None = None, allow_pickle:
                                  fix="restore the model files from the original source") from None
             raise ModelError(f"cannot load the model ({text})", file=str(where), field="model.source",
                              fix="check model.source and model.revision") from None
-        check_tokenizers(pipe, where)
-        pipe.set_progress_bar_config(disable=True)
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                module.eval().requires_grad_(False)
-    with runtime.phase(f"moving the model to {target} ({str(compute).removeprefix('torch.')})",
-                       fix="--dtype float16 or --cpu-offload need less accelerator memory; --device cpu needs none"):
-        runtime.place_pipeline(pipe, target)
-    pipe._safeguard_stored = stored
-    return pipe
+    return _ready(pipe, where, target, compute, stored)
 
 
 def _load_single_file(checkpoint: Path, config: Path | None, target, dtype, allow_pickle: bool):
@@ -357,7 +348,17 @@ def _load_single_file(checkpoint: Path, config: Path | None, target, dtype, allo
     if header_dtype:  # written back in the checkpoint's dtype, as folders are
         stored = StoredFormat({name: header_dtype for name, module in pipe.components.items()
                                if isinstance(module, torch.nn.Module)})
-    check_tokenizers(pipe, Path(config))
+    return _ready(pipe, Path(config), target, compute, stored)
+
+
+def _ready(pipe, where, target, compute, stored: StoredFormat):
+    """A loaded pipeline made ready for use: tokenizers checked, inference mode, placed on ``target``, and
+    its stored format kept for writing the edit back."""
+    import torch
+
+    from . import runtime
+
+    check_tokenizers(pipe, where)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
