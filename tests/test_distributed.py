@@ -4,7 +4,6 @@ merged from its pending file."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,8 +12,6 @@ import pytest
 
 from fixtures import tiny_policy_text
 from test_crash_safety import CHILD_TIMEOUT_S, apply_here, make_workspace
-
-pytest.importorskip("accelerate")
 
 # Three seeds per prompt and round in batches of two: each round and model is several units, so both
 # processes render, and the last step of a round leaves one of them idle.
