@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from safeguard import hookimpl
+from .hardening import HardenParams, harden, restore_originals
 from safeguard.erasers import BASIS_KINDS, EraseRequest, EraseResult, LayerEdit, editable_layers, replace_weight, validated_params
 
 
@@ -79,6 +80,8 @@ class PureParams(CaptureParams):
     tau_retain: float | None = Field(None, gt=0, le=1, description="override of tau for the retain subspace (default: tau)")
     center: bool = Field(False, description="subtract the row mean before the SVD (the method is uncentred)")
     max_rank: int | None = Field(None, ge=1, description="upper bound on each basis' rank")
+    harden: HardenParams | None = Field(None, description="attack the edit and fold what the attacks find into the "
+                                        "forget rows (see plugins/hardening.py); null: the plain edit")
 
 
 # ------------------------------------------------------------------------------------------------- math
@@ -311,14 +314,19 @@ class PureEraser:
         tau_forget = params.tau if params.tau_forget is None else params.tau_forget
         tau_retain = params.tau if params.tau_retain is None else params.tau_retain
 
-        edits: list[LayerEdit] = []
         originals: dict[str, Any] = {}
-        bases: dict[str, dict[str, Any]] = {}
-        solve_started = time.perf_counter()
-        with torch.no_grad():
+
+        @torch.no_grad()
+        def solve(rows_forget_by_layer):
+            """Solve E per layer from the original weights, apply it and return ((edits, bases), {layer: E})."""
+            if originals:
+                restore_originals(layers, originals)
+            edits: list[LayerEdit] = []
+            bases: dict[str, dict[str, Any]] = {}
+            operators: dict[str, Any] = {}
             for path, attn in layers.items():
                 layer_started = time.perf_counter()
-                rows_forget = H_F[path]
+                rows_forget = rows_forget_by_layer[path]
                 width = rows_forget.shape[1]
                 rows_retain = H_R[path] if retain_prompts else torch.zeros(0, width)
                 V_F = subspace_basis(rows_forget, tau_forget, params.center, params.max_rank)
@@ -338,6 +346,16 @@ class PureEraser:
                 stats["seconds"] = time.perf_counter() - layer_started
                 edits.append(LayerEdit(module=path, stats=stats))
                 bases[path] = layer_bases(V_F, V_R)
+                operators[path] = E
+            return (edits, bases), operators
+
+        solve_started = time.perf_counter()
+        hardening = None
+        if params.harden is None:
+            (edits, bases), _ = solve(H_F)
+        else:  # the attacks need gradients; solve and restore turn them off themselves
+            (edits, bases), hardening = harden(pipe, request, params.harden, capture=capture, layers=layers,
+                                               originals=originals, H_F=H_F, solve=solve)
         solve_seconds = time.perf_counter() - solve_started
 
         reduced = sum(edit.stats["operator"] == "retain_projection" for edit in edits)
@@ -360,6 +378,8 @@ class PureEraser:
                 "concepts": {c.name: {"forget_prompts": len(c.forget_prompts), "retain_prompts": len(c.retain_prompts)}
                              for c in request.concepts},
                 "params": params.model_dump(),
+                # every hardening round: attack losses, rows added, energy removed (None: not hardened)
+                "harden": hardening,
             },
             artefacts=bases_artefacts(bases),
         )

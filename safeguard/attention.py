@@ -364,37 +364,90 @@ def capture_prompt_activations(
     Rows of one prompt are ordered seed by seed, then by evaluation.
     """
     prompts = list(prompts)
-    seeds = list(seeds)
     if not prompts:
         raise ValueError("capture needs at least one prompt")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    batches = [prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)]
+    conditionings = ((len(batch), lambda batch=batch: _prompt_conditioning(pipe, batch, guidance_scale))
+                     for batch in batches)
+    return _capture_batches(pipe, conditionings, len(batches), steps=steps, seeds=seeds,
+                            guidance_scale=guidance_scale, height=height, width=width, layers=layers)
+
+
+def capture_embedding_activations(
+    pipe,
+    prompt_embeds: torch.Tensor,
+    *,
+    negative_prompt_embeds: torch.Tensor | None,
+    steps: int,
+    seeds: Sequence[int],
+    guidance_scale: float,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 8,
+    layers: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The rows of :func:`capture_prompt_activations` for contexts no prompt spells: ``prompt_embeds``
+    [N, L, D] (e.g. a soft-prompt attack's result), each with the unconditional ``negative_prompt_embeds``
+    [1, L, D] (and SDXL's pooled embeddings, [N, D'] and [1, D'])."""
+    from .encoding import call_parameters
+
+    if prompt_embeds.ndim != 3 or len(prompt_embeds) == 0:
+        raise ValueError(f"prompt_embeds must be [N >= 1, L, D], got {list(prompt_embeds.shape)}")
+    if guidance_scale > 1 and negative_prompt_embeds is None:
+        raise ValueError("guidance_scale > 1 needs negative_prompt_embeds")
+    if "prompt_embeds" not in call_parameters(pipe) or "prompt_attention_mask" in call_parameters(pipe):
+        raise ValueError(f"{type(pipe).__name__} cannot be called with prompt embeddings alone")
+    starts = range(0, len(prompt_embeds), batch_size)
+
+    def conditioning(start: int) -> dict[str, Any]:
+        count = len(prompt_embeds[start:start + batch_size])
+        out = {"prompt_embeds": prompt_embeds[start:start + batch_size]}
+        if negative_prompt_embeds is not None:
+            out["negative_prompt_embeds"] = negative_prompt_embeds.expand(count, -1, -1)
+        if pooled_prompt_embeds is not None:
+            out["pooled_prompt_embeds"] = pooled_prompt_embeds[start:start + batch_size]
+            out["negative_pooled_prompt_embeds"] = negative_pooled_prompt_embeds.expand(count, -1)
+        return out
+
+    conditionings = ((len(prompt_embeds[start:start + batch_size]), lambda start=start: conditioning(start))
+                     for start in starts)
+    return _capture_batches(pipe, conditionings, len(starts), steps=steps, seeds=seeds,
+                            guidance_scale=guidance_scale, height=height, width=width, layers=layers)
+
+
+def _capture_batches(pipe, conditionings, batch_count: int, *, steps: int, seeds: Sequence[int],
+                     guidance_scale: float, height: int | None, width: int | None,
+                     layers: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """Run every ``(size, make_conditioning)`` batch once per seed and collect its rows per prompt."""
+    seeds = list(seeds)
     if not seeds:
         raise ValueError("capture needs at least one seed")
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
 
     denoiser = denoiser_of(pipe)
     recorder = ActivationRecorder()
     per_prompt: dict[str, list[torch.Tensor]] = defaultdict(list)  # layer -> one [seeds * E, width] per prompt
     call_options: dict[str, Any] = size_options(pipe, height, width)
 
-    calls = -(-len(prompts) // batch_size) * len(seeds)
     with (_progress_bar_disabled(pipe), capturing_cross_attention(denoiser, recorder, layers),
           runtime.phase("capturing cross-attention activations (pipeline calls)"),
-          runtime.progress("capturing activations", calls) as shown):
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
+          runtime.progress("capturing activations", batch_count * len(seeds)) as shown):
+        for size, make_conditioning in conditionings:
             by_seed: dict[str, list[torch.Tensor]] = defaultdict(list)  # layer -> [E, batch, width] per seed
-            conditioning = _prompt_conditioning(pipe, batch, guidance_scale)
+            conditioning = make_conditioning()
             for seed in seeds:
                 recorder.clear()
-                recorder.conditional_batch = len(batch)
+                recorder.conditional_batch = size
                 pipe(
                     **conditioning,
                     num_inference_steps=steps,
                     guidance_scale=guidance_scale,
-                    generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in batch],
+                    generator=[torch.Generator(device="cpu").manual_seed(seed) for _ in range(size)],
                     output_type="latent",
                     **call_options,
                 )
@@ -404,7 +457,7 @@ def capture_prompt_activations(
             for layer, runs in by_seed.items():
                 # [seeds, E, batch, width] -> [batch, seeds * E, width]
                 stacked = torch.stack(runs).permute(2, 0, 1, 3)
-                per_prompt[layer].extend(stacked.reshape(len(batch), -1, stacked.shape[-1]).unbind(0))
+                per_prompt[layer].extend(stacked.reshape(size, -1, stacked.shape[-1]).unbind(0))
     return {layer: torch.stack(rows) for layer, rows in per_prompt.items()}
 
 

@@ -40,9 +40,12 @@ def vae_config():
                 block_out_channels=(32, 64, 64), norm_num_groups=16)
 
 
-def unet_config():
+UNET_WIDTHS = (64, 128)  # world-v1; a wider denoiser (--unet-widths) also widens every cross-attention layer
+
+
+def unet_config(widths=UNET_WIDTHS):
     return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                block_out_channels=tuple(widths), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=384,
                 attention_head_dim=8, norm_num_groups=32)
 
@@ -106,11 +109,16 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def stage_vae(work: Path, steps: int, batch: int = 64) -> None:
+def stage_vae(work: Path, steps: int, batch: int = 64, reuse: Path | None = None) -> None:
     from diffusers import AutoencoderKL
 
     final = work / "vae"
     if (final / "config.json").exists():
+        return
+    if reuse is not None:
+        # A new denoiser for the same world needs no new VAE: take a trained one (float32 for encoding).
+        AutoencoderKL.from_pretrained(reuse, torch_dtype=torch.float32).save_pretrained(final)
+        log(f"vae: reused {reuse}")
         return
     torch.manual_seed(0)
     images = np.load(work / "data.npz")["images"]
@@ -179,7 +187,8 @@ def stage_latents(work: Path) -> None:
 
 
 # ---- stage: UNet ---------------------------------------------------------------------------------------
-def stage_unet(work: Path, steps: int, batch: int = 64, lr_max: float = 5e-4, token_dropout: float = 0.25) -> None:
+def stage_unet(work: Path, steps: int, batch: int = 64, lr_max: float = 5e-4, token_dropout: float = 0.25,
+               widths=UNET_WIDTHS) -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     final = work / "unet"
@@ -193,8 +202,8 @@ def stage_unet(work: Path, steps: int, batch: int = 64, lr_max: float = 5e-4, to
     cap_idx = torch.tensor([index[c] for c in data["caption"].tolist()])
     empty_idx = index[""]
     states = text["states"].float()
-    unet = UNet2DConditionModel(**unet_config())
-    ema = UNet2DConditionModel(**unet_config()).requires_grad_(False)
+    unet = UNet2DConditionModel(**unet_config(widths))
+    ema = UNet2DConditionModel(**unet_config(widths)).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     sched = DDPMScheduler(**scheduler_config())
     alphas = sched.alphas_cumprod
@@ -381,13 +390,17 @@ def main(argv=None) -> None:
     ap.add_argument("--stop-after", default=None)
     ap.add_argument("--only", default=None, help="run just this stage (its inputs must exist)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--unet-widths", default=",".join(map(str, UNET_WIDTHS)),
+                    help="denoiser block widths, which are also the cross-attention widths (world-v1: 64,128)")
+    ap.add_argument("--reuse-vae", type=Path, default=None, help="a trained VAE folder to use instead of training one")
     args = ap.parse_args(argv)
+    widths = tuple(int(w) for w in args.unet_widths.split(","))
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     LOG = args.work / (f"train-{args.only}.log" if args.only else "train.log")
     stages = [("data", lambda: stage_data(args.work, args.scenes)), ("text", lambda: stage_text(args.work)),
-              ("vae", lambda: stage_vae(args.work, args.vae_steps)), ("latents", lambda: stage_latents(args.work)),
-              ("unet", lambda: stage_unet(args.work, args.unet_steps)),
+              ("vae", lambda: stage_vae(args.work, args.vae_steps, reuse=args.reuse_vae)), ("latents", lambda: stage_latents(args.work)),
+              ("unet", lambda: stage_unet(args.work, args.unet_steps, widths=widths)),
               ("judge", lambda: stage_judge(args.work, args.judge_steps)), ("assemble", lambda: stage_assemble(args.work))]
     for name, run in stages:
         if args.only and name != args.only:
