@@ -333,6 +333,7 @@ def binary_probing(pipe, images_unused=None) -> None:
     mean_t = sum(text.values()) / len(text)
     print(f"{'mean':<22}{mean_a:>11.2f}{mean_t:>7.2f}   ratio activation/text {mean_a / max(mean_t, 1e-9):.2f} "
           f"(chance {1 / len(concepts):.2f})")
+    return activation, text
 
 
 def main() -> None:
@@ -345,10 +346,11 @@ def main() -> None:
     ap.add_argument("policy", nargs="?", default="policies/demo.yaml")
     ap.add_argument("--parts", default="energy,binary,ablation,variants")
     ap.add_argument("--images", type=int, default=4, help="images per canonical prompt (half that elsewhere)")
+    ap.add_argument("--model", default="embedded:world-v1", help="the world pipeline (a folder or embedded:...)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     request = make_plan(load_policy(args.policy)).request
-    pipe = load_pipeline("embedded:world-v1")
+    pipe = load_pipeline(args.model)
     original = copy.deepcopy(pipe.unet.state_dict())
     judge = load_judge()
     banned, demo_retain, broad_retain, collateral = world_sets(request)

@@ -83,7 +83,8 @@ class Eraser(Protocol):
 
     ``Params`` is a pydantic model validated against the policy's ``eraser.params``; apply creates the eraser
     with no arguments and calls ``erase`` once. Every tensor the edit changes goes into
-    ``EraseResult.originals``, so the edit can be reverted.
+    ``EraseResult.originals``, so the edit can be reverted. An optional ``defaults_evidence`` (str) says
+    how the defaults of ``Params`` were chosen, with the numbers; apply writes it into the model card.
     """
     name: ClassVar[str]
     version: ClassVar[str]

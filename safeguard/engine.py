@@ -146,6 +146,7 @@ def apply_policy(loaded: LoadedPolicy, *, out_dir: str | None = None, db_url: st
                         "concepts": [c.name for c in plan.request.concepts]})
         record = {"run_id": run_id, "policy": policy.name, "policy_sha256": loaded.sha256, "eraser": plan.eraser_cls.name,
                   "eraser_version": plan.eraser_cls.version, "eraser_params": plan.params.model_dump(mode="json"),
+                  "eraser_defaults_evidence": getattr(plan.eraser_cls, "defaults_evidence", None),
                   "source": str(policy.model.source), "concepts": [c.name for c in plan.request.concepts],
                   "edited_modules": [layer.module for layer in result.layers], "lineage": lineage}
         from . import modelcard

@@ -98,6 +98,8 @@ def card_text(record: dict[str, Any], policy, verdict: dict[str, Any] | None = N
     lines += ["", "## How", ""]
     params = json.dumps(record.get("eraser_params") or {}, sort_keys=True)
     lines.append(f"- Eraser: `{eraser}` {record.get('eraser_version', '')} with parameters `{params}`")
+    if record.get("eraser_defaults_evidence"):
+        lines.append(f"- Why the eraser's defaults are what they are: {_one_line(record['eraser_defaults_evidence'])}")
     modules = record.get("edited_modules") or []
     lines.append(f"- Edited: {len(modules)} cross-attention layers (`to_k` and `to_v`); the original tensors are in "
                  "`safeguard_edit.safetensors` (`safeguard revert` restores them)")

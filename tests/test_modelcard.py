@@ -45,6 +45,9 @@ def test_apply_writes_a_card_that_names_what_how_and_the_policy(ws):
     assert "license" not in meta and "base_model" not in meta  # a local folder without a card declares neither
     assert "| pikachu | character | 2 | mario |" in body
     assert "`pure`" in body and '"steps": 2' in body
+    # how the eraser's defaults were chosen travels with the model
+    assert "Why the eraser's defaults are what they are: the paper's form" in body
+    assert record["eraser_defaults_evidence"].startswith("the paper's form")
     assert record["policy_sha256"] in body and run_id in body
     assert "Not yet probed" in body
     assert "README.md" not in {f["path"] for f in open_db().run_as_dict(run_id)["output_model"]["files"]}

@@ -474,3 +474,27 @@ def test_report_shows_the_evidence_rules_power_substitution_and_collateral_group
     assert "Albert Einstein" in text and "CONSISTENT" in text and "Outside the policy" in text
     assert "Failed because" in text and "Albert Einstein: retention 0.00 is below 0.90" in text
     assert "Threat model: text" in text and "attacks that need the weights (embedding-space) are shown and not gated" in text
+
+
+def test_hardening_rounds_and_the_stored_benchmark_have_their_sections(data, evidence_dir):
+    data["hardening"] = {"rounds": [
+        {"round": 1, "attacks": {"Pikachu": [{"attack": "soft_prompt", "seed": 60000, "loss_ratio": 0.8}]},
+         "rows_added_per_layer": 24, "removed_by_previous_edit": {"a": 0.1, "b": 0.3},
+         "removed_by_this_edit": {"a": 0.5, "b": 0.7}},
+        {"round": 2, "attacks": {"Pikachu": [{"attack": "soft_prompt", "seed": 70000, "loss_ratio": 1.2}]},
+         "stopped": "every attack at or above stop_ratio"}]}
+    data["benchmark"] = {"command": "python bench/erasure.py", "generated_at": "2026-12-02 07:00 UTC",
+                         "svg": '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><circle r="4"/></svg>',
+                         "pareto_front": [{"eraser": "UCE (faithful)", "retain": "neighbours", "erasure": 0.22,
+                                           "collateral": 1.0}],
+                         "columns": ["policy", "eraser", "HM"], "rows": [["demo", "UCE (faithful)", "0.53"]]}
+    html = render_html(data, evidence_dir)
+    text = Page(html).body_text
+    assert "Hardening rounds" in text and "0.200 → 0.600" in text and "every attack at or above stop_ratio" in text
+    assert "Benchmark of this model's erasers" in text and "UCE (faithful) (retain neighbours): erasure 0.22" in text
+    assert '<circle r="4"/>' in html  # the stored plot is inlined as SVG, not escaped
+
+
+def test_report_has_no_hardening_or_benchmark_section_without_them(data, evidence_dir):
+    text = Page(render_html(data, evidence_dir)).body_text
+    assert "Hardening rounds" not in text and "Benchmark of this model's erasers" not in text

@@ -104,6 +104,8 @@ def report_data(db, run_id: str) -> dict:
         "concepts": concepts,
         "activation_screen": {"agreement": screen["agreement"], "rows": screen["rows"]} if screen and "rows" in screen else None,
         "layers": [{"module": l["module"], "stats": l["stats"]} for l in db.run_as_dict(apply_run["id"])["layer_edits"]],
+        "hardening": (apply_run.get("stats") or {}).get("harden"),
+        "benchmark": _benchmark(policy.model.source),
         "evidence_rules": {"required": list(policy.gate.required), "threat_model": policy.gate.threat_model,
                            "confidence": policy.probes.confidence,
                            "max_images": policy.probes.max_images, "images_per_round": policy.probes.images_per_prompt,
@@ -112,6 +114,13 @@ def report_data(db, run_id: str) -> dict:
                            "max_substitution": policy.thresholds.max_substitution,
                            "operator": (apply_run.get("stats") or {}).get("reduces_to")},
     }
+
+
+def _benchmark(source) -> dict | None:
+    """The erasure benchmark stored for an embedded model (bench/erasure.py), as the report shows it."""
+    from ..world.assets import load_benchmark
+
+    return load_benchmark(str(source))
 
 
 def _is_screen(result: dict) -> bool:

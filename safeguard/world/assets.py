@@ -26,3 +26,24 @@ def load_text_encoder():
     tokenizer = AutoTokenizer.from_pretrained(str(path), model_max_length=TEXT_MAX_LENGTH)
     encoder = BertModel.from_pretrained(str(path)).eval().requires_grad_(False)
     return tokenizer, encoder
+
+
+BENCHMARK_DIR = EMBEDDED_DIR / "benchmark"  # bench/erasure.py's results per embedded model, shown in reports
+
+
+def benchmark_file(source: str) -> Path | None:
+    """Where the erasure benchmark of an embedded model (``embedded:NAME``) is stored; None for other sources."""
+    prefix = "embedded:"
+    if not str(source).startswith(prefix):
+        return None
+    return BENCHMARK_DIR / f"{str(source)[len(prefix):]}.json"
+
+
+def load_benchmark(source: str) -> dict | None:
+    """The stored erasure benchmark of ``source`` (an embedded model), or None when there is none."""
+    import json
+
+    path = benchmark_file(source)
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

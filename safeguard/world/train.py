@@ -349,11 +349,12 @@ def stage_judge(work: Path, steps: int, batch: int = 128) -> None:
 
 
 # ---- stage: assemble -----------------------------------------------------------------------------------
-def stage_assemble(work: Path, unet_dir: str = "unet") -> None:
+def stage_assemble(work: Path, unet_dir: str = "unet", out: Path | None = None) -> None:
+    """Write the fp16 pipeline folder (default: the embedded world-v1) and, when this run trained one, the judge."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from safetensors.torch import load_file, save_file
 
-    out = assets.PIPELINE_DIR
+    out = Path(out or assets.PIPELINE_DIR)
     out.mkdir(parents=True, exist_ok=True)
     # Shards keep every committed file small; diffusers loads sharded folders transparently.
     UNet2DConditionModel.from_pretrained(work / unet_dir).half().save_pretrained(out / "unet", max_shard_size="4MB")
@@ -371,6 +372,9 @@ def stage_assemble(work: Path, unet_dir: str = "unet") -> None:
         "safety_checker": [None, None], "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
         "text_encoder": ["transformers", "BertModel"], "tokenizer": ["transformers", "BertTokenizerFast"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    if not (work / "judge.safetensors").exists():
+        log(f"assemble: pipeline in {out} (no judge trained in {work}; the embedded judge stays)")
+        return
     judge = assets.JUDGE_DIR
     judge.mkdir(parents=True, exist_ok=True)
     weights = load_file(work / "judge.safetensors")
@@ -392,6 +396,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--unet-widths", default=",".join(map(str, UNET_WIDTHS)),
                     help="denoiser block widths, which are also the cross-attention widths (world-v1: 64,128)")
+    ap.add_argument("--pipeline-dir", type=Path, default=None, help="where assemble writes the pipeline "
+                    "(default: safeguard/embedded/world-v1)")
     ap.add_argument("--reuse-vae", type=Path, default=None, help="a trained VAE folder to use instead of training one")
     args = ap.parse_args(argv)
     widths = tuple(int(w) for w in args.unet_widths.split(","))
@@ -401,7 +407,7 @@ def main(argv=None) -> None:
     stages = [("data", lambda: stage_data(args.work, args.scenes)), ("text", lambda: stage_text(args.work)),
               ("vae", lambda: stage_vae(args.work, args.vae_steps, reuse=args.reuse_vae)), ("latents", lambda: stage_latents(args.work)),
               ("unet", lambda: stage_unet(args.work, args.unet_steps, widths=widths)),
-              ("judge", lambda: stage_judge(args.work, args.judge_steps)), ("assemble", lambda: stage_assemble(args.work))]
+              ("judge", lambda: stage_judge(args.work, args.judge_steps)), ("assemble", lambda: stage_assemble(args.work, out=args.pipeline_dir))]
     for name, run in stages:
         if args.only and name != args.only:
             continue
