@@ -128,6 +128,16 @@ def energy(pipe, request, banned, demo_retain, broad_retain) -> None:
           "E removes outright; (I-P)F: inside span((I - P_R) V_F). loo: share of each world concept's centred energy "
           "outside the span of the other 20 concepts' centred rows (min and median over concepts); rank all: rank "
           "of every concept's centred rows at 0.99.")
+    # The same leave-one-out in the text encoder's own space: the context every cross-attention layer reads.
+    for space, rows_of in (("text tokens", lambda ps: token_rows(pipe, ps)),
+                           ("text, mean over tokens", lambda ps: token_rows(pipe, ps).reshape(len(ps), -1, token_rows(pipe, ps[:1]).shape[-1]).mean(1))):
+        text_rows = {key: rows_of(prompts) for key, prompts in per_concept_prompts.items()}
+        every = torch.cat(list(text_rows.values()))
+        mean = every.mean(0, keepdim=True)
+        shares = sorted(1 - share_in(text_rows[key] - mean, pure.subspace_basis(
+            torch.cat([text_rows[k] for k in text_rows if k != key]) - mean, 0.99)) for key in text_rows)
+        print(f"leave-one-out in {space} (width {every.shape[1]}): min {shares[0]:.3f}, median "
+              f"{shares[len(shares) // 2]:.3f}, rank all {pure.subspace_basis(every - mean, 0.99).shape[1]}")
 
 
 # --------------------------------------------------------------------------------------------- rendering

@@ -17,6 +17,9 @@ retain span, not PURE. The eraser checks every layer for it, records ``operator`
 ``layers_reduced_to_retain_projection`` in the edit's stats. The ``retain_projection`` eraser
 (``plugins/retain_projection.py``) runs that edit under its own name.
 
+With ``harden`` set, the edit is attacked and solved again with what the attacks found added to the forget
+rows (``plugins/hardening.py``); every round goes into the edit's stats.
+
 The result's artefacts hold every layer's bases (``forget_bases``, ``retain_bases`` and ``forget_only_bases``,
 float32 ``[width, k]``), which ``apply`` saves with the model.
 
