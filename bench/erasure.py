@@ -101,22 +101,25 @@ class Scorer:
         self.pipe, self.judge, self.images = pipe, judge, images
         self.labels = {"style": style_labels(judge), "subject": subject_labels(judge)}
         self.original_state = copy.deepcopy(pipe.unet.state_dict())
+        self.edited_state = None  # the current edit's weights, kept the first time the original is swapped in
         self.original_cache: dict = {}
 
     def reset(self) -> None:
         """Give the pipeline its original denoiser back (before the next edit)."""
         self.pipe.unet.load_state_dict(self.original_state)
+        self.edited_state = None
 
     def on_original(self, work):
         """``work()`` run with the original denoiser in place; the edited one is put back afterwards."""
         import copy
 
-        edited = copy.deepcopy(self.pipe.unet.state_dict())
-        self.reset()
+        if self.edited_state is None:
+            self.edited_state = copy.deepcopy(self.pipe.unet.state_dict())
+        self.pipe.unet.load_state_dict(self.original_state)
         try:
             return work()
         finally:
-            self.pipe.unet.load_state_dict(edited)
+            self.pipe.unet.load_state_dict(self.edited_state)
 
     def hits(self, images, concept) -> tuple[int, int, object]:
         """(images the judge calls ``concept``, images, image features) over the full label set."""
@@ -420,8 +423,9 @@ def main() -> None:
                 print(line, flush=True)
         front = pareto_front(points)
         svg = out.with_name("tradeoff.svg") if out.name == "RESULTS.md" else out.with_suffix(".tradeoff.svg")
-        svg.write_text(tradeoff_svg(points, front), encoding="utf-8")
-        stored.update(svg=tradeoff_svg(points, front), pareto_front=front)
+        drawing = tradeoff_svg(points, front)
+        svg.write_text(drawing, encoding="utf-8")
+        stored.update(svg=drawing, pareto_front=front)
         lines += ["", f"![erasure against collateral retention]({svg.name})", "",
                   "**Pareto front** (no other setting erases more and keeps more): "
                   + "; ".join(f"{p['eraser']} with retain {p['retain']}: erasure {p['erasure']:.2f}, collateral "

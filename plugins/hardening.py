@@ -51,16 +51,12 @@ def restore_originals(layers: dict[str, Any], originals: dict[str, Any]) -> None
     import torch
 
     with torch.no_grad():
-        _restore(layers, originals)
-
-
-def _restore(layers, originals) -> None:
-    for path, attn in layers.items():
-        for name in ("to_k", "to_v"):
-            projection = getattr(attn, name)
-            projection.weight.copy_(originals[f"{path}.{name}.weight"].to(projection.weight))
-            if projection.bias is not None:
-                projection.bias.copy_(originals[f"{path}.{name}.bias"].to(projection.bias))
+        for path, attn in layers.items():
+            for name in ("to_k", "to_v"):
+                projection = getattr(attn, name)
+                projection.weight.copy_(originals[f"{path}.{name}.weight"].to(projection.weight))
+                if projection.bias is not None:
+                    projection.bias.copy_(originals[f"{path}.{name}.bias"].to(projection.bias))
 
 
 def concept_targets(pipe, request, params: HardenParams, guidance_scale: float) -> list[dict[str, Any]]:

@@ -33,8 +33,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from safeguard import hookimpl
-from .hardening import HardenParams, harden, restore_originals
 from safeguard.erasers import BASIS_KINDS, EraseRequest, EraseResult, LayerEdit, editable_layers, replace_weight, validated_params
+
+from .hardening import HardenParams, harden, restore_originals
 
 
 class CaptureParams(BaseModel):

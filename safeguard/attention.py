@@ -401,21 +401,20 @@ def capture_embedding_activations(
         raise ValueError("guidance_scale > 1 needs negative_prompt_embeds")
     if "prompt_embeds" not in call_parameters(pipe) or "prompt_attention_mask" in call_parameters(pipe):
         raise ValueError(f"{type(pipe).__name__} cannot be called with prompt embeddings alone")
-    starts = range(0, len(prompt_embeds), batch_size)
+    chunks = [slice(start, start + batch_size) for start in range(0, len(prompt_embeds), batch_size)]
 
-    def conditioning(start: int) -> dict[str, Any]:
-        count = len(prompt_embeds[start:start + batch_size])
-        out = {"prompt_embeds": prompt_embeds[start:start + batch_size]}
+    def conditioning(chunk: slice) -> dict[str, Any]:
+        out = {"prompt_embeds": prompt_embeds[chunk]}
+        count = len(out["prompt_embeds"])
         if negative_prompt_embeds is not None:
             out["negative_prompt_embeds"] = negative_prompt_embeds.expand(count, -1, -1)
         if pooled_prompt_embeds is not None:
-            out["pooled_prompt_embeds"] = pooled_prompt_embeds[start:start + batch_size]
+            out["pooled_prompt_embeds"] = pooled_prompt_embeds[chunk]
             out["negative_pooled_prompt_embeds"] = negative_pooled_prompt_embeds.expand(count, -1)
         return out
 
-    conditionings = ((len(prompt_embeds[start:start + batch_size]), lambda start=start: conditioning(start))
-                     for start in starts)
-    return _capture_batches(pipe, conditionings, len(starts), steps=steps, seeds=seeds,
+    conditionings = ((len(prompt_embeds[chunk]), lambda chunk=chunk: conditioning(chunk)) for chunk in chunks)
+    return _capture_batches(pipe, conditionings, len(chunks), steps=steps, seeds=seeds,
                             guidance_scale=guidance_scale, height=height, width=width, layers=layers)
 
 

@@ -33,10 +33,11 @@ BENCHMARK_DIR = EMBEDDED_DIR / "benchmark"  # bench/erasure.py's results per emb
 
 def benchmark_file(source: str) -> Path | None:
     """Where the erasure benchmark of an embedded model (``embedded:NAME``) is stored; None for other sources."""
-    prefix = "embedded:"
-    if not str(source).startswith(prefix):
+    from ..modelio import EMBEDDED_PREFIX
+
+    if not str(source).startswith(EMBEDDED_PREFIX):
         return None
-    return BENCHMARK_DIR / f"{str(source)[len(prefix):]}.json"
+    return BENCHMARK_DIR / f"{str(source).removeprefix(EMBEDDED_PREFIX)}.json"
 
 
 def load_benchmark(source: str) -> dict | None:
