@@ -132,6 +132,22 @@ def explained_variance(H, V, center: bool = False) -> float:
     return float((H @ V).square().sum()) / total
 
 
+def energy_removed(H, E) -> float:
+    """Share of the energy of the activation rows ``H`` that the operator ``E`` removes: ||H - H Eᵀ||² / ||H||².
+
+    Rows are the anchors' own mean-pooled attention outputs, so this is what the edit takes away from the
+    forget anchors (it should be large) and from the retain anchors (it should be near zero). When the forget
+    concept lies inside the retain span it is near zero for both, and the edit cannot erase.
+    """
+    import torch
+
+    H = torch.as_tensor(H).to("cpu", torch.float64)
+    total = float(H.square().sum())
+    if total <= 0:
+        return 0.0
+    return float((H - H @ torch.as_tensor(E, dtype=torch.float64).T).square().sum()) / total
+
+
 def _rows(H, center: bool):
     import torch
 
@@ -353,6 +369,8 @@ class PureEraser:
                     "rows_forget": rows_forget.shape[0], "rows_retain": rows_retain.shape[0],
                     "distance_to_retain_projection": retain_projection_distance(V_F, V_R),
                     "operator": "retain_projection" if collapsed else "pure",
+                    "forget_energy_removed": energy_removed(rows_forget, E),
+                    "retain_energy_removed": energy_removed(rows_retain, E) if rows_retain.shape[0] else None,
                 }
                 project_layer(attn, path, E, originals=originals, stats=stats)
                 stats["seconds"] = time.perf_counter() - layer_started
@@ -385,6 +403,10 @@ class PureEraser:
                 "layers_reduced_to_retain_projection": reduced,
                 "forget_prompts": len(forget_prompts),
                 "retain_prompts": len(retain_prompts),
+                # share of the anchors' activation energy E takes away, mean over layers (the premise check)
+                "forget_energy_removed": sum(e.stats["forget_energy_removed"] for e in edits) / len(edits),
+                "retain_energy_removed": (sum(e.stats["retain_energy_removed"] for e in edits) / len(edits)
+                                          if retain_prompts else None),
                 "rows_forget_per_layer": edits[0].stats["rows_forget"],
                 "rows_retain_per_layer": edits[0].stats["rows_retain"],
                 "concepts": {c.name: {"forget_prompts": len(c.forget_prompts), "retain_prompts": len(c.retain_prompts)}

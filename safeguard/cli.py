@@ -173,6 +173,10 @@ def _print_apply_summary(outcome):
         click.echo(f"  PURE with these thresholds reduces to a projection onto the retain span in "
                    f"{stats.get('layers_reduced_to_retain_projection', 0)}/{len(outcome.layers)} layers; "
                    "this edit is not PURE")
+    if stats.get("forget_energy_removed") is not None:
+        retain = stats.get("retain_energy_removed")
+        click.echo(f"  E removes {stats['forget_energy_removed']:.1%} of the forget anchors' activation energy"
+                   + (f" and {retain:.1%} of the retain anchors'" if retain is not None else "") + " (mean over layers)")
     for layer in outcome.layers:
         s = layer.stats
         if "rank_retain" in s:

