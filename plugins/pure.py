@@ -318,8 +318,9 @@ class PureEraser:
         "prompts without collateral loss: canonical recognition of Van Gogh, Pikachu and blood stayed 1.00 for single "
         "tau 0.99, centred bases with a broad retain set and per-concept forget bases (collateral 0.97-0.99), and "
         "the retain projection with every other concept retained also kept 1.00 (collateral 0.97); F ∩ R⊥ held "
-        "0.000 of each banned concept's energy in every layer. Nothing measured there beat the paper's form, so "
-        "it stays the default; harden is opt-in (see bench/RESULTS.md).")
+        "0.000 of each banned concept's energy in every layer, and the same held for a denoiser of twice the width "
+        "and for one conditioned on a single MiniLM layer (safeguard/embedded/README.md). Nothing measured there "
+        "beat the paper's form, so it stays the default; harden is opt-in (see bench/RESULTS.md).")
 
     def erase(self, pipe, request: EraseRequest, params: PureParams | dict | None = None) -> EraseResult:
         import torch
