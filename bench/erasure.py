@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -368,10 +369,9 @@ def main() -> None:
         edit_seconds = time.perf_counter() - edit_started
         return summarise(score(scorer, prompt_sets(request, args.paraphrases), attacks=attacks)), edit_seconds
 
-    flags = [f for f, on in (("--singles", args.singles), ("--no-attacks", args.no_attacks)) if on]
-    flags += [f"--policies {args.policies}"] if args.policies else []
+    command = " ".join(["python bench/erasure.py", *map(shlex.quote, sys.argv[1:])])  # exactly as run
     lines = ["# Erasure benchmark (embedded world)", "",
-             f"Written by `python bench/erasure.py {' '.join(flags + [f'--images {args.images}', f'--paraphrases {args.paraphrases}'] + ([f'--model {args.model}'] if args.model != 'embedded:world-v1' else []))}`; "
+             f"Written by `{command}`; "
              f"model `{args.model}`; every number below was measured in that run.", "",
              "Columns: target proportion on canonical prompts and on the test split of held-out paraphrases "
              "(clustered 95% interval, n edited images); attacks against the edited model with fresh seeds and "
@@ -401,7 +401,7 @@ def main() -> None:
             lines.append(line)
             print(line, flush=True)
 
-    stored = {"command": "python bench/erasure.py " + " ".join(sys.argv[1:]), "model": args.model,
+    stored = {"command": command, "model": args.model,
               "generated_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "columns": columns,
               "rows": table_rows, "svg": None, "pareto_front": []}
     if not args.no_tradeoff:
