@@ -136,8 +136,9 @@ def energy_removed(H, E) -> float:
     """Share of the energy of the activation rows ``H`` that the operator ``E`` removes: ||H - H Eᵀ||² / ||H||².
 
     Rows are the anchors' own mean-pooled attention outputs, so this is what the edit takes away from the
-    forget anchors (it should be large) and from the retain anchors (it should be near zero). When the forget
-    concept lies inside the retain span it is near zero for both, and the edit cannot erase.
+    forget anchors and from the retain anchors (near zero by construction). A large forget share is necessary
+    for erasure, not evidence of it: whether the denoiser still renders the concept from what is left is
+    measured only by the probes.
     """
     import torch
 
@@ -404,7 +405,7 @@ class PureEraser:
                 "layers_reduced_to_retain_projection": reduced,
                 "forget_prompts": len(forget_prompts),
                 "retain_prompts": len(retain_prompts),
-                # share of the anchors' activation energy E takes away, mean over layers (the premise check)
+                # share of the anchors' activation energy E takes away, mean over layers (necessary, not sufficient)
                 "forget_energy_removed": sum(e.stats["forget_energy_removed"] for e in edits) / len(edits),
                 "retain_energy_removed": (sum(e.stats["retain_energy_removed"] for e in edits) / len(edits)
                                           if retain_prompts else None),

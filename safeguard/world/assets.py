@@ -22,7 +22,7 @@ MINILM_LAYERS = 6
 
 
 def load_minilm(layers: int = MINILM_LAYERS):
-    """The frozen all-MiniLM-L6-v2 BERT, cut to its first ``layers`` transformer layers (0: the embeddings only)."""
+    """The all-MiniLM-L6-v2 BERT, cut to its first ``layers`` transformer layers (0: the embeddings only)."""
     from transformers import BertModel
     from transformers.utils import logging
 
@@ -31,7 +31,7 @@ def load_minilm(layers: int = MINILM_LAYERS):
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a cut encoder leaves the later layers' weights unused, as intended
     try:
-        return BertModel.from_pretrained(str(minilm_path()), num_hidden_layers=layers).eval().requires_grad_(False)
+        return BertModel.from_pretrained(str(minilm_path()), num_hidden_layers=layers).eval()
     finally:
         logging.set_verbosity(verbosity)
 
@@ -41,7 +41,7 @@ def load_text_encoder(layers: int = MINILM_LAYERS):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), model_max_length=TEXT_MAX_LENGTH)
-    return tokenizer, load_minilm(layers)
+    return tokenizer, load_minilm(layers).requires_grad_(False)
 
 
 BENCHMARK_DIR = EMBEDDED_DIR / "benchmark"  # bench/erasure.py's results per embedded model, shown in reports
